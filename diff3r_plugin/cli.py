@@ -1,0 +1,60 @@
+"""The ``diff3r`` command line: ``diff3r bench render|layer``, ``diff3r eval``, ``diff3r experiment``."""
+
+import argparse
+import json
+import sys
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        print(f"{key:>28}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diff3r", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+
+    from .bench import render_bench
+    p_render = bench_sub.add_parser("render", help="renderer speed and agreement with the dense reference")
+    render_bench.add_arguments(p_render)
+    p_render.add_argument("--json", action="store_true", help="print one JSON object")
+    p_render.set_defaults(func=render_bench.run)
+
+    try:
+        from .bench import layer_bench
+    except ImportError:  # pragma: no cover - during partial installs
+        layer_bench = None
+    if layer_bench is not None:
+        p_layer = bench_sub.add_parser("layer", help="implicit vs unrolled backward of the TTO layer")
+        layer_bench.add_arguments(p_layer)
+        p_layer.add_argument("--json", action="store_true")
+        p_layer.set_defaults(func=layer_bench.run)
+
+    for name, module_name, help_text in (
+        ("eval", "evaluation.eval_cli", "evaluate methods on a dataset"),
+        ("experiment", "evaluation.experiment", "train baseline and Diff3R, then evaluate"),
+    ):
+        try:
+            module = __import__(f"diff3r_plugin.{module_name}", fromlist=["run"])
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        if not any(a.dest == "json" for a in p._actions):
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=module.run)
+
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    _print(result, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
