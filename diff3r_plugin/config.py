@@ -377,6 +377,9 @@ class Diff3RConfig(_Section):
         lm_damping: Levenberg-Marquardt damping added to the Gauss-Newton diagonal.
         lm_pcg_iters: PCG iterations per LM step.
         backward: ``"implicit"`` (IFT + PCG) or ``"unroll"`` (backprop through K steps).
+        hessian: Matrix of the implicit solve: ``"gauss_newton"`` (J^T J + diag(Lambda), the
+            paper's choice; exact when the context residuals vanish at the optimum) or
+            ``"exact"`` (full Hessian-vector products by double backward; torch backend only).
         matvec: Hessian-vector products by ``"autodiff"`` or ``"finite_difference"``
             (for black-box first-order rasterizers).
         fd_eps: Step of the finite-difference JVP.
@@ -409,6 +412,7 @@ class Diff3RConfig(_Section):
     lm_damping: float = field(default=1e-3, metadata=_bound(gt=0))
     lm_pcg_iters: int = field(default=20, metadata=_bound(ge=1))
     backward: Literal["implicit", "unroll"] = "implicit"
+    hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
     matvec: Literal["autodiff", "finite_difference"] = "autodiff"
     fd_eps: float = field(default=1e-3, metadata=_bound(gt=0))
     precond: Literal["jacobi", "none"] = "jacobi"

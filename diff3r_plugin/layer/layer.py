@@ -1,0 +1,238 @@
+"""The Diff3R optimization layer.
+
+Forward (test-time optimization on the context views)::
+
+    theta* = argmin_theta 1/2 ||r(theta)||^2 + 1/2 (theta - theta0)^T diag(Lambda) (theta - theta0)
+
+Backward (``backward="implicit"``), by the Implicit Function Theorem at the stationary point
+``J^T r + Lambda (theta* - theta0) = 0`` with ``H = J^T J + diag(Lambda)``::
+
+    solve H v = dL/dtheta*        (matrix-free PCG, Jacobi preconditioner diag(J^T J) + Lambda)
+    dL/dtheta0 = Lambda * v
+    dL/dLambda = -(theta* - theta0) * v
+
+**Warning.** The implicit gradient is exact only if the inner solve reached a stationary
+point (and, with the Gauss-Newton ``H``, if the context residuals are small there, or with
+``hessian="exact"``). ``info.stationarity`` and the PCG residual tell how far from that a
+given solve is; ``backward="unroll"`` (autograd through the K steps) is the reference.
+
+The layer never modifies its inputs, does its own grad-enabled work on clones (so it runs
+inside ``torch.inference_mode()``, e.g. a Lightning test step), and keeps no state between
+calls (safe under DDP).
+"""
+
+import time
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Diff3RConfig
+from ..errors import (InvalidLambdaError, LayoutMismatchError, NonFiniteError, PCGNotConvergedError,
+                      SolverDivergedError)
+from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
+from .diagnostics import Diff3RInfo, scene_extent
+from .inner import adam_solve, lm_solve
+from .matvec import make_matvec
+from .objective import Objective
+from .pcg import pcg
+from .views import ContextViews
+
+
+def _report(policy: str, message: str, info: Diff3RInfo, error: type) -> None:
+    info.messages.append(message)
+    if policy == "raise":
+        raise error(message)
+    if policy == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def check_lambda(lam: Tensor, layout: GaussianLayout) -> None:
+    """Lambda must be finite and strictly positive; name the first offending group."""
+    bad = ~torch.isfinite(lam) | (lam <= 0)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad.any(0))[0])
+        group = next(g for g, s in layout.slices.items() if s.start <= first < s.stop)
+        kind = "NaN/Inf" if not bool(torch.isfinite(lam).all()) else "non-positive"
+        raise InvalidLambdaError(
+            f"Lambda has {int(bad.sum())} {kind} entr{'y' if int(bad.sum()) == 1 else 'ies'} "
+            f"(first in group {group!r}); the proximal weights must be finite and > 0 "
+            "(use a softplus with a floor, e.g. diff3r_plugin.uncertainty.UncertaintyHead)")
+
+
+def learning_rates(config: Diff3RConfig, layout: GaussianLayout, theta0: Tensor) -> Tensor:
+    rates = {g: getattr(config.lr, g) for g in GROUPS}
+    lr = layout.per_group(rates, batch=theta0.shape[0], dtype=theta0.dtype, device=theta0.device)
+    if config.means_lr_scale == "scene_extent" and layout.num_gaussians > 0:
+        means = layout.split(theta0)["means"]
+        ext = scene_extent(means.detach())
+        s = layout.slices["means"]
+        lr[:, s] = lr[:, s] * ext[:, None]
+    return lr
+
+
+class _Implicit(torch.autograd.Function):
+    """Identity on ``theta*`` in the forward; IFT + PCG in the backward."""
+
+    @staticmethod
+    def forward(ctx, theta0: Tensor, lam: Tensor, theta_star: Tensor, state: dict):  # type: ignore[override]
+        ctx.state = state
+        ctx.save_for_backward(theta0, lam, theta_star)
+        return theta_star.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        theta0, lam, theta_star = ctx.saved_tensors
+        state = ctx.state
+        v = implicit_solve(state["objective"], state["config"], state["info"], theta_star, theta0,
+                           lam, grad_out)
+        grad_theta0 = lam * v if ctx.needs_input_grad[0] else None
+        grad_lam = -(theta_star - theta0) * v if ctx.needs_input_grad[1] else None
+        return grad_theta0, grad_lam, None, None
+
+
+def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta_star: Tensor,
+                   theta0: Tensor, lam: Tensor, grad: Tensor) -> Tensor:
+    """Solve ``H v = grad`` per scene and record the solve in ``info``."""
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        grad = grad.detach()
+        mv = make_matvec(config.matvec, config.hessian, obj, theta_star.detach(), theta0.detach(),
+                         lam.detach(), config.fd_eps)
+        precond = None
+        if config.precond == "jacobi":
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            precond = mv.jtj_diag(config.precond_probes, gen) + lam.detach()
+        v, res = pcg(mv, grad, precond=precond, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
+                     check_every=config.pcg_check_every)
+        # True residual of the returned solution (PCG's recursion can drift from it).
+        idx = torch.arange(grad.shape[0], device=grad.device)
+        gnorm = grad.norm(dim=1)
+        true_rel = (grad - mv(v, idx)).norm(dim=1) / gnorm.clamp_min(torch.finfo(grad.dtype).tiny)
+        true_rel = torch.where(gnorm > 0, true_rel, torch.zeros_like(true_rel))
+    info.pcg_iters = res.iterations
+    info.pcg_rel_residual = true_rel.detach()
+    info.pcg_converged = (true_rel <= max(config.pcg_tol * 1.5, config.pcg_tol + 1e-6)) & torch.isfinite(true_rel)
+    info.pcg_indefinite = res.indefinite
+    info.rhs_norm = gnorm
+    info.num_matvecs = mv.num_matvecs
+    finite = torch.isfinite(v).all(1)
+    if not bool(finite.all()):
+        v = torch.where(finite[:, None], v, torch.zeros_like(v))
+        _report("warn" if config.on_failure == "fallback" else config.on_failure,
+                f"implicit solve produced NaN/Inf for {int((~finite).sum())} scene(s); their "
+                "gradients were set to zero", info, PCGNotConvergedError)
+    if not bool(info.pcg_converged.all()):
+        worst = float(true_rel.max())
+        _report(config.on_failure,
+                f"PCG did not converge for {int((~info.pcg_converged).sum())} scene(s) "
+                f"(worst relative residual {worst:.2e} > tol {config.pcg_tol:.1e} after "
+                f"{int(res.iterations.max())} iterations); the implicit gradient is approximate",
+                info, PCGNotConvergedError)
+    info.backward_ms = (time.perf_counter() - t0) * 1e3
+    return v
+
+
+def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: GaussianLayout,
+                 config: Diff3RConfig | None = None, *, backend: str | None = None) -> tuple[Tensor, Diff3RInfo]:
+    """Functional form of :class:`Diff3RLayer` on flat ``[b, n]`` parameter vectors."""
+    config = config or Diff3RConfig()
+    if views is None:
+        raise LayoutMismatchError("views are missing: the layer needs the context images and cameras")
+    views.validate()
+    for name, t in (("theta0", theta0), ("lam", lam)):
+        layout.check_vector(t, name)
+    if theta0.shape != lam.shape:
+        raise LayoutMismatchError(f"theta0 {tuple(theta0.shape)} and lam {tuple(lam.shape)} differ")
+    if theta0.shape[0] != views.batch:
+        raise LayoutMismatchError(f"theta0 has batch {theta0.shape[0]} but the views have batch {views.batch}")
+    if layout.num_pose_views > views.num_views - 1:
+        raise LayoutMismatchError(
+            f"the layout has {layout.num_pose_views} pose deltas but only {views.num_views} context views")
+    if not bool(torch.isfinite(theta0).all()):
+        raise NonFiniteError(f"theta0 contains {int((~torch.isfinite(theta0)).sum())} NaN/Inf value(s)")
+    check_lambda(lam.detach(), layout)
+
+    inference = torch.is_inference_mode_enabled()
+    wants_grad = (not inference) and torch.is_grad_enabled() and (theta0.requires_grad or lam.requires_grad)
+    unroll = wants_grad and config.backward == "unroll"
+    t_start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        v_clean = views.detached().to(theta0.dtype)
+        obj = Objective(v_clean, layout, backend or config.backend, config.robust, config.huber_delta)
+        if unroll:
+            t0_in, lam_in = theta0, lam
+        else:
+            t0_in, lam_in = theta0.detach().clone(), lam.detach().clone()
+        if config.steps == 0:
+            res = None
+            theta_star = t0_in.clone() if unroll else t0_in
+        elif config.inner_solver == "adam":
+            lr = learning_rates(config, layout, t0_in.detach())
+            res = adam_solve(obj, t0_in, lam_in, lr, config.steps, tol=config.stationarity_tol,
+                             create_graph=unroll, progress=config.progress)
+        else:
+            res = lm_solve(obj, t0_in, lam_in, config.steps, damping=config.lm_damping,
+                           tol=config.stationarity_tol, pcg_iters=config.lm_pcg_iters,
+                           precond_probes=config.precond_probes, matvec=config.matvec,
+                           fd_eps=config.fd_eps, create_graph=unroll, progress=config.progress,
+                           generator=torch.Generator().manual_seed(0))
+    b = theta0.shape[0]
+    device = theta0.device
+    zeros = torch.zeros(b, device=device)
+    if res is None:
+        info = Diff3RInfo(config.inner_solver, config.backward, config.matvec, config.hessian,
+                          config.precond, torch.zeros(b, dtype=torch.long, device=device), zeros.clone(),
+                          zeros.clone(), zeros.clone(), torch.zeros(b, dtype=torch.long, device=device))
+    else:
+        theta_star = res.theta
+        stat = res.grad_norm / res.grad_norm0.clamp_min(torch.finfo(res.grad_norm.dtype).tiny)
+        stat = torch.where(res.grad_norm0 > 0, stat, torch.zeros_like(stat))
+        info = Diff3RInfo(config.inner_solver, config.backward, config.matvec, config.hessian,
+                          config.precond, res.steps, stat.detach(), res.energy0, res.energy,
+                          res.nan_rollbacks)
+        if bool((res.nan_rollbacks > 0).any()):
+            _report(config.on_failure,
+                    f"the inner optimization produced NaN/Inf in {int((res.nan_rollbacks > 0).sum())} "
+                    "scene(s); they were rolled back to their last finite iterate", info,
+                    SolverDivergedError)
+    info.forward_ms = (time.perf_counter() - t_start) * 1e3
+
+    if unroll:
+        return theta_star, info
+    theta_star = theta_star.detach()
+    if wants_grad:
+        state = {"objective": obj, "config": config, "info": info}
+        theta_star = _Implicit.apply(theta0, lam, theta_star, state)
+    return theta_star, info
+
+
+class Diff3RLayer(nn.Module):
+    """Differentiable test-time optimization of Gaussians on the context views.
+
+    Example::
+
+        layer = Diff3RLayer(Diff3RConfig(steps=20, inner_solver="lm"))
+        theta_star, info = layer(theta0, lam, views)   # GaussianParams or flat [b, n] + layout
+        loss = render_loss(theta_star, target_views)
+        loss.backward()                                 # IFT + PCG
+        print(info.summary())
+    """
+
+    def __init__(self, config: Diff3RConfig | None = None, **overrides):
+        super().__init__()
+        config = config or Diff3RConfig()
+        if overrides:
+            config = config.merge(overrides)
+        self.config = config
+
+    def forward(self, theta0, lam, views: ContextViews, layout: GaussianLayout | None = None):
+        if isinstance(theta0, GaussianParams):
+            layout = theta0.layout
+            flat0 = theta0.flatten()
+            flat_lam = lam.flatten() if isinstance(lam, GaussianParams) else lam
+            flat, info = diff3r_layer(flat0, flat_lam, views, layout, self.config)
+            return GaussianParams.unflatten(flat, layout), info
+        if layout is None:
+            raise LayoutMismatchError("pass the GaussianLayout with flat parameter vectors")
+        return diff3r_layer(theta0, lam, views, layout, self.config)

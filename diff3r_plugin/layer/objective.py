@@ -1,0 +1,84 @@
+"""The inner objective and its residuals.
+
+    E(theta) = 1/2 sum_k w_k r_k(theta)^2 + 1/2 (theta - theta0)^T diag(Lambda) (theta - theta0)
+
+with ``r = render(theta) - image`` over all context views, pixels and channels (a sum, not a
+mean, so that ``J^T J`` of one Gaussian does not shrink with the image size), ``w_k`` optional
+pixel weights times, with ``robust="huber"``, IRLS weights ``min(1, delta / |r_k|)`` frozen
+at the current iterate.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..gaussians.layout import GaussianLayout, GaussianParams
+from ..render.api import pose_adjusted_extrinsics, render
+from ..render.common import _broadcast_background, project
+from ..render.torch_backend import PairPlan, build_plan, composite
+from .views import ContextViews
+
+
+@dataclass
+class Objective:
+    views: ContextViews
+    layout: GaussianLayout
+    backend: str = "torch"
+    robust: str = "none"
+    huber_delta: float = 0.1
+
+    def _gaussians(self, theta: Tensor, views: ContextViews):
+        params = GaussianParams.unflatten(theta, self.layout)
+        extr = pose_adjusted_extrinsics(params, views.extrinsics)
+        return params, extr
+
+    def make_plan(self, theta: Tensor, views: ContextViews | None = None) -> PairPlan:
+        """Pair list at ``theta`` (torch backend), reused for exact derivatives at ``theta``."""
+        views = self.views if views is None else views
+        with torch.no_grad():
+            params, extr = self._gaussians(theta.detach(), views)
+            proj = project(params.means, params.covariances(), params.harmonics, params.opacities(),
+                           extr, views.intrinsics, views.near, views.image_shape, views.sh_basis)
+            return build_plan(proj, views.image_shape)
+
+    def render(self, theta: Tensor, views: ContextViews | None = None, plan: PairPlan | None = None) -> Tensor:
+        """Context renders ``[b, v, 3, h, w]``; with ``plan`` the pair list is held fixed."""
+        views = self.views if views is None else views
+        params, extr = self._gaussians(theta, views)
+        if plan is None or self.backend != "torch":
+            return render(params.means, params.covariances(), params.harmonics, params.opacities(),
+                          extr, views.intrinsics, views.near, views.far, views.image_shape,
+                          views.background, sh_basis=views.sh_basis, backend=self.backend,
+                          validate=False).color
+        proj = project(params.means, params.covariances(), params.harmonics, params.opacities(),
+                       extr, views.intrinsics, views.near, views.image_shape, views.sh_basis)
+        bg = _broadcast_background(views.background, views.batch, views.num_views, theta)
+        return composite(proj, plan, views.image_shape, bg).color
+
+    def pixel_weights(self, theta: Tensor, views: ContextViews | None = None) -> Tensor | None:
+        """Square roots of the (frozen) residual weights at ``theta``, or None for plain L2."""
+        views = self.views if views is None else views
+        w = views.weights
+        if self.robust == "huber":
+            with torch.no_grad():
+                r = (self.render(theta.detach(), views) - views.images).abs()
+                irls = torch.clamp(self.huber_delta / r.clamp_min(1e-12), max=1.0)
+            w = irls if w is None else w * irls
+        return None if w is None else w.sqrt()
+
+    def residual(self, theta: Tensor, views: ContextViews | None = None, plan: PairPlan | None = None,
+                 sqrt_w: Tensor | None = None) -> Tensor:
+        """Flat residuals ``[b, m]``."""
+        views = self.views if views is None else views
+        r = self.render(theta, views, plan) - views.images
+        if sqrt_w is not None:
+            r = r * sqrt_w
+        return r.reshape(r.shape[0], -1)
+
+    def energy(self, theta: Tensor, theta0: Tensor, lam: Tensor, views: ContextViews | None = None,
+               sqrt_w: Tensor | None = None) -> Tensor:
+        """Per-scene energy ``[b]``."""
+        r = self.residual(theta, views, sqrt_w=sqrt_w)
+        d = theta - theta0
+        return 0.5 * (r * r).sum(1) + 0.5 * (lam * d * d).sum(1)

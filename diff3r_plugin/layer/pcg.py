@@ -1,0 +1,99 @@
+"""Batched, matrix-free preconditioned conjugate gradient.
+
+Solves ``A_i x_i = b_i`` for every scene ``i`` of a batch, where ``A_i`` is symmetric positive
+definite and only available through ``matvec``. Each scene has its own step sizes and its own
+convergence test; a converged scene leaves the active set, and ``matvec`` is then called with
+the indices of the remaining scenes only, so it stops costing work.
+
+The right-hand side is normalized per scene before the solve (tiny cotangents, e.g. 1e-12,
+would otherwise underflow in float32 dot products) and the tolerance is relative to it:
+``||b - A x|| <= tol ||b||``. Convergence is checked every ``check_every`` iterations, so the
+loop talks to the host (a GPU synchronisation) only then.
+
+Warning: when PCG stops at ``maxiter`` the returned solution is approximate, and so is any
+implicit gradient built from it; :class:`PCGResult` says so per scene.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor, Tensor], Tensor]  # (vectors [k, n], scene indices [k]) -> [k, n]
+
+
+@dataclass
+class PCGResult:
+    iterations: Tensor  # [b] int64
+    rel_residual: Tensor  # [b] recursive residual ||r|| / ||b|| at exit
+    converged: Tensor  # [b] bool
+    indefinite: Tensor  # [b] bool: p^T A p <= 0 was met (A not positive definite)
+
+
+def pcg(
+    matvec: MatVec,
+    rhs: Tensor,
+    *,
+    precond: Tensor | None = None,
+    x0: Tensor | None = None,
+    tol: float = 1e-3,
+    maxiter: int = 100,
+    check_every: int = 5,
+) -> tuple[Tensor, PCGResult]:
+    """Solve ``A x = rhs`` per scene.
+
+    Args:
+        matvec: ``matvec(p, idx)`` returns ``A_idx p`` for the scenes ``idx``.
+        rhs: ``[b, n]``.
+        precond: ``[b, n]`` positive diagonal ``M`` (Jacobi): ``z = r / M``; None for plain CG.
+        x0: Warm start ``[b, n]`` (in the original, unnormalized scale).
+        tol: Relative residual tolerance.
+        maxiter: Iteration cap per scene.
+        check_every: Iterations between convergence checks (host synchronisations).
+    """
+    b, n = rhs.shape
+    device = rhs.device
+    scale = rhs.norm(dim=1, keepdim=True)
+    zero_rhs = (scale[:, 0] == 0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    bhat = rhs / scale
+    x = torch.zeros_like(rhs) if x0 is None else x0 / scale
+    all_idx = torch.arange(b, device=device)
+    r = bhat - matvec(x, all_idx) if x0 is not None else bhat.clone()
+    inv_m = None if precond is None else 1.0 / precond
+    z = r if inv_m is None else r * inv_m
+    p = z.clone()
+    rz = (r * z).sum(1)
+    iters = torch.zeros(b, dtype=torch.long, device=device)
+    rel = r.norm(dim=1)
+    converged = zero_rhs | (rel <= tol)
+    indefinite = torch.zeros(b, dtype=torch.bool, device=device)
+    active = all_idx[~converged]
+    k = 0
+    while active.numel() > 0 and k < maxiter:
+        pa = p.index_select(0, active)
+        ap = matvec(pa, active)
+        pap = (pa * ap).sum(1)
+        bad = ~(pap > 0)
+        alpha = rz.index_select(0, active) / torch.where(bad, torch.ones_like(pap), pap)
+        alpha = torch.where(bad, torch.zeros_like(alpha), alpha)
+        x = x.index_add(0, active, alpha[:, None] * pa)
+        r_a = r.index_select(0, active) - alpha[:, None] * ap
+        z_a = r_a if inv_m is None else r_a * inv_m.index_select(0, active)
+        rz_new = (r_a * z_a).sum(1)
+        beta = rz_new / rz.index_select(0, active).clamp_min(torch.finfo(rhs.dtype).tiny)
+        p = p.index_copy(0, active, z_a + beta[:, None] * pa)
+        r = r.index_copy(0, active, r_a)
+        rz = rz.index_copy(0, active, rz_new)
+        iters = iters.index_add(0, active, torch.ones_like(active))
+        indefinite = indefinite.index_copy(0, active, indefinite.index_select(0, active) | bad)
+        k += 1
+        if k % check_every == 0 or k == maxiter:
+            rel = r.norm(dim=1)
+            converged = converged | (rel <= tol)
+            stop = converged | indefinite | ~torch.isfinite(rel)
+            active = all_idx[~stop]
+    rel = r.norm(dim=1)
+    converged = zero_rhs | (rel <= tol)
+    return x * scale, PCGResult(iters, rel, converged, indefinite)
