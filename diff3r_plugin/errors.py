@@ -18,6 +18,10 @@ class DTypeError(Diff3RError):
     """A tensor has an unsupported dtype (e.g. integers where floats are needed)."""
 
 
+class ValueRangeError(Diff3RError):
+    """A value lies outside its admissible range (e.g. opacities outside [0, 1], near <= 0)."""
+
+
 class NonFiniteError(Diff3RError):
     """A tensor contains NaN or Inf."""
 

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import DTypeError, InvalidCovarianceError, NonFiniteError, ShapeError
+from ..errors import DTypeError, InvalidCovarianceError, NonFiniteError, ShapeError, ValueRangeError
 from ..geometry.cameras import check_cameras, focal_pixels, get_fov, invert_rigid
 from ..geometry.sh import SHBasis, degree_from_coeffs, sh_to_rgb
 
@@ -117,9 +117,9 @@ def check_render_inputs(
         if not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"{name} contains {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
     if bool(((opacities < 0) | (opacities > 1)).any()):
-        raise ShapeError("opacities must lie in [0, 1] (activated, as in the upstream Gaussians)")
+        raise ValueRangeError("opacities must lie in [0, 1] (activated, as in the upstream Gaussians)")
     if bool((near <= 0).any()) or bool((far <= near).any()):
-        raise ShapeError("near must be > 0 and far > near")
+        raise ValueRangeError("near must be > 0 and far > near")
     check_cameras(extrinsics, intrinsics, name="render cameras")
     if g:
         c = covariances.detach()

@@ -6,6 +6,9 @@ compares ``f X / Z + c_x`` with ``i + 0.5``; with ``c_x = W / 2`` this is the up
 ``f X / Z + (W - 1) / 2`` against ``i``. Near culling at ``0.2 near``, no far culling, 0.3 px^2
 dilation (``eps2d``), like the upstream rasterizers. gsplat has only a first-order backward,
 so the layer uses finite-difference JVPs with it.
+
+Known difference: gsplat (1.5) caps alpha at 0.999 where the upstream rasterizers cap at 0.99,
+so Gaussians whose ``o exp(power)`` exceeds 0.99 render slightly more opaque here than upstream.
 """
 
 import torch
