@@ -1,0 +1,156 @@
+"""``diff3r bench layer``: implicit (IFT + PCG) against unrolled backward of the TTO layer.
+
+A seeded scene of ``--gaussians`` Gaussians (``theta0``) is optimized on ``--views`` context
+views rendered from a perturbed copy of it (the "true" scene); the outer loss is the squared
+error of a fixed novel view (between the context cameras) against the true scene's render.
+Each (K, backward mode) runs in its own process so that peak memory is measured cleanly:
+``*_peak_mb`` is the extra memory allocated during forward + backward above what the process
+held before the call (the unrolled graph is built during the forward, so both passes count).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from ..config import Diff3RConfig
+from ..gaussians.layout import GROUPS, GaussianParams
+from ..layer import ContextViews, diff3r_layer
+from ..render import render_params
+from .scenes import make_cameras, make_scene
+from .timing import PeakMemory, low_mmap_env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gaussians", type=int, default=4096)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--steps", default="10,50,200", help="comma-separated K values")
+    p.add_argument("--inner-solver", choices=["adam", "lm"], default="adam")
+    p.add_argument("--precond", choices=["jacobi", "none"], default="jacobi")
+    p.add_argument("--hessian", choices=["gauss_newton", "exact"], default="gauss_newton")
+    p.add_argument("--lam", type=float, default=0.05, help="constant Lambda for every parameter")
+    p.add_argument("--stationarity-tol", type=float, default=None,
+                   help="inner stopping tolerance (default: 1e-4 for lm, none for adam)")
+    p.add_argument("--pcg-tol", type=float, default=1e-3)
+    p.add_argument("--pcg-maxiter", type=int, default=1000)
+    p.add_argument("--precond-probes", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-unroll", action="store_true", help="skip the unrolled reference")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def build_problem(args, dtype=torch.float32):
+    scene = make_scene(args.gaussians, args.size, args.views, seed=args.seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(args.seed + 101)
+    # The true scene differs from the initialization by a perturbation of every attribute.
+    true = scene.params.map(lambda t: t + 0.05 * torch.randn(t.shape, generator=gen, dtype=dtype))
+    with torch.no_grad():
+        context = render_params(true, scene.extrinsics, scene.intrinsics, scene.near, scene.far,
+                                scene.image_shape).color
+        e3, k3, n3, f3 = make_cameras(3, dtype=dtype)
+        target_cam = (e3[:, 1:2], k3[:, 1:2], n3[:, 1:2], f3[:, 1:2])
+        target = render_params(true, *target_cam, scene.image_shape).color
+    views = ContextViews(context, scene.extrinsics, scene.intrinsics, scene.near, scene.far)
+    layout = scene.params.layout
+    theta0 = scene.params.flatten()
+    lam = layout.per_group({g: args.lam for g in GROUPS}, dtype=dtype)
+    return views, layout, theta0, lam, target_cam, target
+
+
+def _config(args, backward: str, steps: int) -> Diff3RConfig:
+    tol = args.stationarity_tol
+    if tol is None:
+        tol = 1e-4 if args.inner_solver == "lm" else 0.0
+    return Diff3RConfig(steps=steps, inner_solver=args.inner_solver, backward=backward,
+                        hessian=args.hessian, precond=args.precond, stationarity_tol=tol,
+                        pcg_tol=args.pcg_tol, pcg_maxiter=args.pcg_maxiter,
+                        precond_probes=args.precond_probes, on_failure="fallback")
+
+
+def worker(args) -> dict:
+    backward, steps, out_path = args.worker.split(":", 2)
+    steps = int(steps)
+    views, layout, theta0, lam, target_cam, target = build_problem(args)
+    config = _config(args, backward, steps)
+    theta0 = theta0.clone().requires_grad_(True)
+    lam = lam.clone().requires_grad_(True)
+    with PeakMemory("cpu") as mem:
+        t0 = time.perf_counter()
+        theta_star, info = diff3r_layer(theta0, lam, views, layout, config)
+        t1 = time.perf_counter()
+        pred = render_params(GaussianParams.unflatten(theta_star, layout), *target_cam, views.image_shape).color
+        loss = ((pred - target) ** 2).sum()
+        loss.backward()
+        t2 = time.perf_counter()
+    torch.save({"theta0": theta0.grad, "lam": lam.grad}, out_path)
+    s = info.summary()
+    return {
+        "peak_mb": mem.peak_mb, "forward_ms": (t1 - t0) * 1e3, "backward_ms": (t2 - t1) * 1e3,
+        "steps": int(info.inner_steps.max()), "stationarity": s["stationarity"],
+        "pcg_iters": s["pcg_iters"], "pcg_rel_residual": s["pcg_rel_residual"],
+        "outer_loss": float(loss),
+    }
+
+
+def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
+    cmd = [sys.executable, "-m", "diff3r_plugin.bench.layer_bench", "--worker", f"{backward}:{steps}:{out_path}"]
+    for key in ("gaussians", "size", "views", "inner_solver", "precond", "hessian", "lam",
+                "pcg_tol", "pcg_maxiter", "precond_probes", "seed"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.stationarity_tol is not None:
+        cmd += ["--stationarity-tol", str(args.stationarity_tol)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=low_mmap_env())
+    if proc.returncode != 0:
+        sys.stderr.write(f"[bench layer] {backward} K={steps} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}\n")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> dict:
+    ks = [int(k) for k in str(args.steps).split(",") if k.strip()]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            ift = _spawn(args, "implicit", k, os.path.join(tmp, f"ift{k}.pt"))
+            unr = None if args.no_unroll else _spawn(args, "unroll", k, os.path.join(tmp, f"unr{k}.pt"))
+            cos_t = cos_l = None
+            if ift is not None and unr is not None:
+                gi = torch.load(os.path.join(tmp, f"ift{k}.pt"))
+                gu = torch.load(os.path.join(tmp, f"unr{k}.pt"))
+                cos = torch.nn.functional.cosine_similarity
+                cos_t = float(cos(gi["theta0"].flatten(), gu["theta0"].flatten(), dim=0))
+                cos_l = float(cos(gi["lam"].flatten(), gu["lam"].flatten(), dim=0))
+            runs.append({
+                "steps": None if ift is None else ift["steps"],
+                "steps_requested": k,
+                "inner_solver": args.inner_solver,
+                "ift_peak_mb": None if ift is None else round(ift["peak_mb"], 1),
+                "unroll_peak_mb": None if unr is None else round(unr["peak_mb"], 1),
+                "ift_backward_ms": None if ift is None else round(ift["backward_ms"], 1),
+                "unroll_backward_ms": None if unr is None else round(unr["backward_ms"], 1),
+                "grad_cosine_theta0": cos_t,
+                "grad_cosine_lambda": cos_l,
+                "pcg_iters": None if ift is None else ift["pcg_iters"],
+                "pcg_rel_residual": None if ift is None else ift["pcg_rel_residual"],
+                "stationarity": None if ift is None else ift["stationarity"],
+                "ift_forward_ms": None if ift is None else round(ift["forward_ms"], 1),
+                "unroll_forward_ms": None if unr is None else round(unr["forward_ms"], 1),
+            })
+    return {"gaussians": args.gaussians, "size": args.size, "views": args.views,
+            "precond": args.precond, "hessian": args.hessian, "lam": args.lam, "runs": runs}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    a = parser.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a)))
+    else:
+        print(json.dumps(run(a), indent=2))
