@@ -160,6 +160,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     with torch.inference_mode(False), torch.enable_grad():
         v_clean = views.detached().to(theta0.dtype)
         obj = Objective(v_clean, layout, backend or config.backend, config.robust, config.huber_delta)
+        obj.freeze_weights(theta0.detach())
         if unroll:
             t0_in, lam_in = theta0, lam
         else:
@@ -200,6 +201,9 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
 
     if unroll:
         return theta_star, info
+    if res is None:
+        # No inner step: theta* = theta0, whose derivative is the identity (and zero for Lambda).
+        return (theta0.clone() if wants_grad else theta0.detach().clone()), info
     theta_star = theta_star.detach()
     if wants_grad:
         state = {"objective": obj, "config": config, "info": info}

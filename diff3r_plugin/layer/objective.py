@@ -4,8 +4,9 @@
 
 with ``r = render(theta) - image`` over all context views, pixels and channels (a sum, not a
 mean, so that ``J^T J`` of one Gaussian does not shrink with the image size), ``w_k`` optional
-pixel weights times, with ``robust="huber"``, IRLS weights ``min(1, delta / |r_k|)`` frozen
-at the current iterate.
+pixel weights times, with ``robust="huber"``, Huber IRLS weights ``min(1, delta / |r_k|)``
+computed once at ``theta0`` (:meth:`Objective.freeze_weights`) and then held fixed, so that the
+forward solve and the implicit backward see the same weighted least-squares problem.
 """
 
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ class Objective:
     backend: str = "torch"
     robust: str = "none"
     huber_delta: float = 0.1
+    frozen_sqrt_w: Tensor | None = None
+
+    def freeze_weights(self, theta0: Tensor) -> None:
+        """Fix the residual weights (Huber IRLS at ``theta0``) for the forward and the backward."""
+        self.frozen_sqrt_w = None
+        self.frozen_sqrt_w = self.pixel_weights(theta0.detach())
 
     def _gaussians(self, theta: Tensor, views: ContextViews):
         params = GaussianParams.unflatten(theta, self.layout)
@@ -58,6 +65,8 @@ class Objective:
 
     def pixel_weights(self, theta: Tensor, views: ContextViews | None = None) -> Tensor | None:
         """Square roots of the (frozen) residual weights at ``theta``, or None for plain L2."""
+        if self.frozen_sqrt_w is not None and views is None:
+            return self.frozen_sqrt_w
         views = self.views if views is None else views
         w = views.weights
         if self.robust == "huber":

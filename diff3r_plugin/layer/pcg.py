@@ -76,6 +76,9 @@ def pcg(
         ap = matvec(pa, active)
         pap = (pa * ap).sum(1)
         bad = ~(pap > 0)
+        # p = 0 means the scene converged exactly since the last check; only a non-zero p
+        # with p^T A p <= 0 shows that A is not positive definite.
+        nonzero_p = (pa * pa).sum(1) > 0
         alpha = rz.index_select(0, active) / torch.where(bad, torch.ones_like(pap), pap)
         alpha = torch.where(bad, torch.zeros_like(alpha), alpha)
         x = x.index_add(0, active, alpha[:, None] * pa)
@@ -87,7 +90,7 @@ def pcg(
         r = r.index_copy(0, active, r_a)
         rz = rz.index_copy(0, active, rz_new)
         iters = iters.index_add(0, active, torch.ones_like(active))
-        indefinite = indefinite.index_copy(0, active, indefinite.index_select(0, active) | bad)
+        indefinite = indefinite.index_copy(0, active, indefinite.index_select(0, active) | (bad & nonzero_p))
         k += 1
         if k % check_every == 0 or k == maxiter:
             rel = r.norm(dim=1)
