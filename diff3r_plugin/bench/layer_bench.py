@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-solver", choices=["adam", "lm"], default="adam")
     p.add_argument("--precond", choices=["jacobi", "none"], default="jacobi")
     p.add_argument("--hessian", choices=["gauss_newton", "exact"], default="gauss_newton")
-    p.add_argument("--lam", type=float, default=0.05, help="constant Lambda for every parameter")
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="constant Lambda for every parameter (default: the uncertainty head's initial value)")
     p.add_argument("--stationarity-tol", type=float, default=None,
                    help="inner stopping tolerance (default: 1e-4 for lm, none for adam)")
     p.add_argument("--pcg-tol", type=float, default=1e-3)
@@ -42,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precond-probes", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-unroll", action="store_true", help="skip the unrolled reference")
+    p.add_argument("--worker-timeout-s", type=float, default=0,
+                   help="wall-clock cap per worker process in seconds (0: none)")
+    p.add_argument("--memory-limit-gb", type=float, default=20.0,
+                   help="address-space cap per worker process (0: none)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -98,6 +103,17 @@ def worker(args) -> dict:
     }
 
 
+def _limit_memory(gb: float):
+    """Cap a worker's address space so that a run that does not fit fails alone (reported as
+    null) instead of waking the system's OOM killer."""
+    def apply() -> None:
+        if gb > 0:
+            import resource
+            limit = int(gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
 def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
     cmd = [sys.executable, "-m", "diff3r_plugin.bench.layer_bench", "--worker", f"{backward}:{steps}:{out_path}"]
     for key in ("gaussians", "size", "views", "inner_solver", "precond", "hessian", "lam",
@@ -105,7 +121,13 @@ def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.stationarity_tol is not None:
         cmd += ["--stationarity-tol", str(args.stationarity_tol)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=low_mmap_env())
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=low_mmap_env(),
+                              preexec_fn=_limit_memory(args.memory_limit_gb),
+                              timeout=args.worker_timeout_s or None)
+    except subprocess.TimeoutExpired:
+        sys.stderr.write(f"[bench layer] {backward} K={steps} exceeded {args.worker_timeout_s} s\n")
+        return None
     if proc.returncode != 0:
         sys.stderr.write(f"[bench layer] {backward} K={steps} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}\n")
         return None
@@ -114,11 +136,14 @@ def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
 
 def run(args: argparse.Namespace) -> dict:
     ks = [int(k) for k in str(args.steps).split(",") if k.strip()]
-    runs = []
+    runs, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k in ks:
             ift = _spawn(args, "implicit", k, os.path.join(tmp, f"ift{k}.pt"))
             unr = None if args.no_unroll else _spawn(args, "unroll", k, os.path.join(tmp, f"unr{k}.pt"))
+            if unr is None and not args.no_unroll:
+                notes.append(f"unroll K={k} did not finish (see stderr: over the "
+                             f"{args.memory_limit_gb:g} GB memory cap or the time cap)")
             cos_t = cos_l = None
             if ift is not None and unr is not None:
                 gi = torch.load(os.path.join(tmp, f"ift{k}.pt"))
@@ -143,7 +168,8 @@ def run(args: argparse.Namespace) -> dict:
                 "unroll_forward_ms": None if unr is None else round(unr["forward_ms"], 1),
             })
     return {"gaussians": args.gaussians, "size": args.size, "views": args.views,
-            "precond": args.precond, "hessian": args.hessian, "lam": args.lam, "runs": runs}
+            "precond": args.precond, "hessian": args.hessian, "lam": args.lam, "runs": runs,
+            "notes": notes}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""Training and prediction with the Diff3R layer, for any encoder + uncertainty head.
+
+One step (``method="diff3r"``)::
+
+    encoder(context) -> upstream Gaussians + per-Gaussian features
+    from_upstream -> theta0 (layout);  head(features) -> Lambda   (or a constant Lambda)
+    theta* = diff3r_layer(theta0, Lambda, context views)           (TTO on the context views)
+    render targets from theta*  ->  MSE (+ LPIPS when its VGG weights are available)
+    backward: IFT + PCG through the layer into the encoder and the head
+
+``method="baseline"`` skips the layer (targets rendered from theta0: the usual zero-shot
+training loss) with the same number of outer steps.
+
+Inner solver for training: Adam with K ~ 10 steps and the implicit backward with a capped PCG
+(``pcg_maxiter`` ~ 20, ``on_failure="fallback"``). Neither the inner solve (K Adam steps are
+not a stationary point) nor PCG is converged then, so **the implicit gradient is approximate**;
+``info`` (``stationarity``, ``pcg_rel_residual``) says how approximate, and the history
+returned by :func:`train` records both per step.
+
+Inner learning rates (:func:`tto_config`): the 3DGS defaults (``config.lr``) are tuned for
+30k steps on a fixed scene; for K = 10-20 steps on a 32-64 px scene they barely move the
+Gaussians, so the default here multiplies them by ``lr_scale`` (default 4; colours and
+opacities are what a short TTO can fix on two views, means stay scaled by the scene extent).
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import Diff3RConfig
+from .evaluation.metrics import compute_lpips, lpips_available
+from .gaussians.layout import GaussianParams, from_upstream
+from .layer import ContextViews, diff3r_layer
+from .render.api import render_params
+
+__all__ = ["tto_config", "prepare_batch", "forward_model", "render_targets", "training_step", "train",
+           "TrainResult", "Prediction"]
+
+Method = Literal["baseline", "diff3r"]
+
+
+def tto_config(steps: int = 10, *, lr_scale: float = 4.0, pcg_maxiter: int = 20,
+               constant_lambda: float = 1.0, **overrides) -> Diff3RConfig:
+    """The layer settings used for training and evaluation of the tiny models (see module doc)."""
+    base = Diff3RConfig()
+    lr = {k: v * lr_scale for k, v in base.lr.to_dict().items()}
+    cfg = {"steps": steps, "inner_solver": "adam", "backward": "implicit",
+           "pcg_maxiter": pcg_maxiter, "on_failure": "fallback", "lr": lr,
+           "constant_lambda": constant_lambda, "stationarity_tol": 0.0}
+    cfg.update(overrides)
+    return base.merge(cfg)
+
+
+def prepare_batch(encoder: nn.Module, batch: dict) -> dict:
+    """Pose-free encoders work in the context-0 frame with unit baseline (NoPoSplat)."""
+    if getattr(encoder, "pose_free", False):
+        from .models.tiny import to_relative_frame
+        return to_relative_frame(batch)
+    return batch
+
+
+@dataclass
+class Prediction:
+    theta0: GaussianParams
+    theta: GaussianParams            # theta* (== theta0 without TTO)
+    lam: Tensor
+    views: ContextViews
+    info: object = None
+
+
+def forward_model(encoder: nn.Module, head: nn.Module | None, batch: dict, *,
+                  tto: bool, lambda_mode: Literal["predicted", "constant"] = "predicted",
+                  config: Diff3RConfig | None = None) -> Prediction:
+    """Encoder -> (theta0, Lambda) -> optional TTO. ``batch`` must already be prepared."""
+    config = config or tto_config()
+    ctx = batch["context"]
+    out = encoder(ctx)
+    params, _ = from_upstream(*out.gaussians(), num_pose_views=out.num_pose_views,
+                              on_invalid="project")
+    layout = params.layout
+    theta0 = params.flatten()
+    if lambda_mode == "predicted" and head is not None:
+        lam = head(out.features)
+    elif lambda_mode == "predicted" and tto:
+        raise ValueError("lambda_mode='predicted' needs an uncertainty head")
+    else:
+        lam = torch.full_like(theta0, config.constant_lambda)
+    views = ContextViews(ctx["image"], out.context_extrinsics, ctx["intrinsics"], ctx["near"],
+                         ctx["far"], sh_basis=out.sh_basis)
+    if not tto or config.steps == 0:
+        return Prediction(params, params, lam, views, None)
+    theta, info = diff3r_layer(theta0, lam, views, layout, config)
+    return Prediction(params, GaussianParams.unflatten(theta, layout), lam, views, info)
+
+
+def render_targets(pred: Prediction, batch: dict) -> Tensor:
+    tgt = batch["target"]
+    h, w = tgt["image"].shape[-2:]
+    return render_params(pred.theta, tgt["extrinsics"], tgt["intrinsics"], tgt["near"],
+                         tgt["far"], (h, w), apply_pose=False, sh_basis=pred.views.sh_basis,
+                         validate=False).color
+
+
+def training_step(encoder: nn.Module, head: nn.Module | None, batch: dict, *, method: Method,
+                  lambda_mode: Literal["predicted", "constant"] = "predicted",
+                  config: Diff3RConfig | None = None, lpips_weight: float = 0.05,
+                  ) -> tuple[Tensor, dict]:
+    """Outer loss of one batch (not yet backpropagated) and a small log dict."""
+    batch = prepare_batch(encoder, batch)
+    pred = forward_model(encoder, head, batch, tto=(method == "diff3r"), lambda_mode=lambda_mode,
+                         config=config)
+    color = render_targets(pred, batch)
+    gt = batch["target"]["image"]
+    loss = F.mse_loss(color, gt)
+    log = {"mse": float(loss.detach())}
+    if lpips_weight > 0 and lpips_available()[0]:
+        lp = _lpips_loss(gt, color)
+        loss = loss + lpips_weight * lp
+        log["lpips"] = float(lp.detach())
+    if pred.info is not None:
+        s = pred.info.summary()
+        log["stationarity"] = s["stationarity"]
+    return loss, log
+
+
+def _lpips_loss(gt: Tensor, color: Tensor) -> Tensor:
+    from .evaluation import metrics
+    metrics.compute_lpips(gt[:1, 0].detach(), gt[:1, 0].detach())  # builds/caches the network
+    net = metrics._lpips_models[str(color.device)]
+    return net.forward(gt.flatten(0, 1), color.flatten(0, 1), normalize=True).mean()
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)
+    logs: list = field(default_factory=list)
+    seconds: float = 0.0
+    lambda_mean: list = field(default_factory=list)
+
+
+def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], steps: int, *,
+          method: Method = "diff3r", lambda_mode: Literal["predicted", "constant"] = "predicted",
+          config: Diff3RConfig | None = None, lr: float = 1e-3, head_lr: float | None = None,
+          lpips_weight: float = 0.05, progress: bool = True, grad_clip: float = 1.0,
+          time_budget_s: float | None = None) -> TrainResult:
+    """Train ``encoder`` (and ``head`` for ``method="diff3r"``) for ``steps`` outer steps.
+
+    ``batches`` is cycled. Returns the loss history (and Lambda's mean per step).
+    ``time_budget_s`` stops early (the step count reached is ``len(result.losses)``).
+    """
+    config = config or tto_config()
+    groups = [{"params": list(encoder.parameters()), "lr": lr}]
+    if head is not None and method == "diff3r" and lambda_mode == "predicted":
+        groups.append({"params": list(head.parameters()), "lr": head_lr or lr})
+    opt = torch.optim.Adam(groups)
+    batches = list(batches)
+    result = TrainResult()
+    t0 = time.perf_counter()
+    encoder.train()
+    bar = tqdm(range(steps), disable=not progress, desc=f"train {method}", leave=False)
+    for step in bar:
+        batch = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss, log = training_step(encoder, head, batch, method=method, lambda_mode=lambda_mode,
+                                  config=config, lpips_weight=lpips_weight)
+        if not math.isfinite(float(loss.detach())):
+            log["skipped"] = True
+            result.logs.append(log)
+            continue
+        loss.backward()
+        params = [p for g in groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        result.losses.append(float(loss.detach()))
+        result.logs.append(log)
+        if head is not None and method == "diff3r" and lambda_mode == "predicted":
+            with torch.no_grad():
+                result.lambda_mean.append(float(head.out.bias.detach().mean()))
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            break
+    encoder.eval()
+    result.seconds = time.perf_counter() - t0
+    return result

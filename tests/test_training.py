@@ -1,0 +1,57 @@
+import torch
+
+from diff3r_plugin.data.embedded import EmbeddedDataset
+from diff3r_plugin.models import TinyPoseGivenEncoder
+from diff3r_plugin.training import forward_model, train, training_step, tto_config
+from diff3r_plugin.uncertainty import UncertaintyHead
+
+
+def _setup():
+    torch.manual_seed(0)
+    ds = EmbeddedDataset(1, image_shape=(16, 16))
+    batch = ds[0]
+    enc = TinyPoseGivenEncoder(width=8, num_depths=8)
+    head = UncertaintyHead(enc.num_features, 0)
+    return batch, enc, head
+
+
+def test_head_gets_gradient_through_layer_and_lambda_changes():
+    batch, enc, head = _setup()
+    cfg = tto_config(3, pcg_maxiter=5, precond_probes=1)
+    loss, log = training_step(enc, head, batch, method="diff3r", config=cfg, lpips_weight=0)
+    loss.backward()
+    assert head.out.bias.grad is not None and float(head.out.bias.grad.abs().sum()) > 0
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in enc.parameters())
+    with torch.no_grad():
+        lam0 = forward_model(enc, head, batch, tto=False, config=cfg).lam.clone()
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    opt.step()
+    with torch.no_grad():
+        lam1 = forward_model(enc, head, batch, tto=False, config=cfg).lam
+    assert not torch.allclose(lam0, lam1)
+
+
+def test_short_diff3r_training_lowers_outer_loss():
+    batch, enc, head = _setup()
+    cfg = tto_config(2, pcg_maxiter=4, precond_probes=1)
+    with torch.no_grad():
+        before, _ = training_step(enc, head, batch, method="diff3r", config=cfg, lpips_weight=0)
+    res = train(enc, head, [batch], 6, method="diff3r", config=cfg, lr=3e-3, head_lr=1e-2,
+                progress=False, lpips_weight=0)
+    assert len(res.losses) == 6 and all(torch.isfinite(torch.tensor(res.losses)))
+    with torch.no_grad():
+        after, _ = training_step(enc, head, batch, method="diff3r", config=cfg, lpips_weight=0)
+    assert float(after) < float(before)
+
+
+def test_baseline_mode_trains_without_layer():
+    batch, enc, _ = _setup()
+    cfg = tto_config(2)
+    with torch.no_grad():
+        before, log = training_step(enc, None, batch, method="baseline", config=cfg, lpips_weight=0)
+    assert "stationarity" not in log
+    res = train(enc, None, [batch], 8, method="baseline", config=cfg, lr=3e-3, progress=False,
+                lpips_weight=0)
+    with torch.no_grad():
+        after, _ = training_step(enc, None, batch, method="baseline", config=cfg, lpips_weight=0)
+    assert float(after) < float(before) and len(res.losses) == 8
