@@ -71,9 +71,11 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
         v = b2 * v + (1 - b2) * g * g
         mhat = m / (1 - b1 ** (k + 1))
         vhat = v / (1 - b2 ** (k + 1))
-        # sqrt(v + tiny): the derivative of sqrt at 0 is infinite, and entries with a zero
-        # gradient (culled Gaussians) would turn the unrolled backward into 0 * inf = NaN.
-        step = lr * mhat / ((vhat + 1e-30).sqrt() + eps)
+        # sqrt with a zero derivative at v = 0: entries whose gradient is always zero (culled
+        # Gaussians) would otherwise turn the unrolled backward into 0 * inf = NaN.
+        pos = vhat > 0
+        root = torch.where(pos, torch.where(pos, vhat, torch.ones_like(vhat)).sqrt(), torch.zeros_like(vhat))
+        step = lr * mhat / (root + eps)
         candidate = theta - step * moving[:, None].to(theta)
         cand, e_new, g_new = _energy_and_grad(obj, candidate, theta0, lam, sqrt_w, create_graph)
         ok = _finite_rows(cand, e_new, g_new)

@@ -86,8 +86,9 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
             fz = mean2d.new_zeros(0)
             return PairPlan(empty, empty, empty, fz, fz, proj.batch * proj.views * h * w)
 
-        keep_g, keep_pix, keep_x, keep_y = [], [], [], []
-        nx_l, x0_l, y0_l = nx.long(), x0.long(), y0.long()
+        keep = []
+        # One gather per pair for all integer box data: [columns, x0, y0, flat view index].
+        ints = torch.stack([nx.long(), x0.long(), y0.long(), view_of], 1)
         cum = torch.cumsum(counts, 0)
         num = order.numel()
         lo = 0
@@ -96,33 +97,25 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
             base = int(cum[lo - 1]) if lo > 0 else 0
             hi = int(torch.searchsorted(cum, torch.tensor(base + chunk_pairs, device=device), right=True))
             hi = min(max(hi, lo + 1), num)
-            sel = order[lo:hi]
             c = counts[lo:hi]
-            gid = torch.repeat_interleave(sel, c)
+            gid = torch.repeat_interleave(order[lo:hi], c)
             local = torch.arange(gid.numel(), device=device) - torch.repeat_interleave(
                 torch.cumsum(c, 0) - c, c)
-            nxg = nx_l.index_select(0, gid)
-            px = x0_l.index_select(0, gid) + local % nxg
-            py = y0_l.index_select(0, gid) + torch.div(local, nxg, rounding_mode="floor")
-            pxf, pyf = px.to(mean2d.dtype), py.to(mean2d.dtype)
+            gi = ints.index_select(0, gid)
+            px = gi[:, 1] + local % gi[:, 0]
+            py = gi[:, 2] + torch.div(local, gi[:, 0], rounding_mode="floor")
             pg = packed.index_select(0, gid)
-            power = _pair_power(pg, pxf, pyf)
+            power = _pair_power(pg, px.to(mean2d.dtype), py.to(mean2d.dtype))
             alpha = torch.clamp_max(pg[:, 5] * torch.exp(power), ALPHA_MAX)
             ok = torch.nonzero((power <= 0) & (alpha >= ALPHA_MIN)).squeeze(1)
-            gid = gid.index_select(0, ok)
-            px, py = px.index_select(0, ok), py.index_select(0, ok)
-            bv = view_of.index_select(0, gid)
-            keep_g.append(gid)
-            keep_pix.append((bv * h + py) * w + px)
-            keep_x.append(pxf.index_select(0, ok))
-            keep_y.append(pyf.index_select(0, ok))
+            pairs = torch.stack([gid, (gi[:, 3] * h + py) * w + px], 1)
+            keep.append(pairs.index_select(0, ok))
             lo = hi
-        gid = torch.cat(keep_g)
-        pix = torch.cat(keep_pix)
-        pxf = torch.cat(keep_x)
-        pyf = torch.cat(keep_y)
-        pix, perm = torch.sort(pix, stable=True)
-        gid, pxf, pyf = gid.index_select(0, perm), pxf.index_select(0, perm), pyf.index_select(0, perm)
+        pairs = torch.cat(keep)
+        pix, perm = torch.sort(pairs[:, 1], stable=True)
+        gid = pairs[:, 0].index_select(0, perm)
+        pxf = (pix % w).to(mean2d.dtype)
+        pyf = (torch.div(pix, w, rounding_mode="floor") % h).to(mean2d.dtype)
         # Index of the first pair of each pixel's run (pix is sorted).
         _, run_len = torch.unique_consecutive(pix, return_counts=True)
         run_start = torch.cumsum(run_len, 0) - run_len
