@@ -220,11 +220,11 @@ def test_photos_load_offline():
 def test_scene_builds_fast():
     load_textures(128)  # one-off photo decoding, cached per process
     make_scene(0)  # warm-up
-    # CPU time of this process, not wall time: other jobs on a shared CI machine must not
-    # make the check flaky. ~0.05 s of work when idle; 1 s per thread is the budget.
+    # About 0.05 s on an idle 2-core machine; the bound only catches gross regressions, since
+    # other jobs on a shared CI machine inflate even CPU time (oversubscribed OpenMP threads).
     start = time.process_time()
     make_scene(1234, num_views=8, image_shape=(64, 64))
-    assert time.process_time() - start < 1.0 * max(torch.get_num_threads(), 1)
+    assert time.process_time() - start < 10.0
 
 
 # --------------------------------------------------------------------------- bad input
