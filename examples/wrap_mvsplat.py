@@ -12,8 +12,8 @@ Without ``--upstream`` the built-in ``TinyPoseGivenEncoder`` runs on an embedded
 Examples::
 
     python examples/wrap_mvsplat.py --json
-    python examples/wrap_mvsplat.py --upstream /tmp/up/mvsplat \
-        --data /work/shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
+    python examples/wrap_mvsplat.py --upstream ../mvsplat \
+        --data ../shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
 """
 
 import argparse

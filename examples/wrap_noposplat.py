@@ -14,8 +14,8 @@ Without ``--upstream`` the built-in ``TinyPoseFreeEncoder`` runs on an embedded 
 Examples::
 
     python examples/wrap_noposplat.py --json
-    python examples/wrap_noposplat.py --upstream /tmp/up/noposplat \
-        --data /work/shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
+    python examples/wrap_noposplat.py --upstream ../NoPoSplat \
+        --data ../shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
 """
 
 import argparse

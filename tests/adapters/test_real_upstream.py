@@ -16,7 +16,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
-DATA = Path(os.environ.get("DIFF3R_TEST_RE10K", "/work/shared/data/re10k_demo_padded360x640"))
+DATA = Path(os.environ.get("DIFF3R_TEST_RE10K", str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "re10k_demo_padded360x640")))
 CASES = [("mvsplat", "DIFF3R_UPSTREAM_MVSPLAT"), ("noposplat", "DIFF3R_UPSTREAM_NOPOSPLAT")]
 
 
