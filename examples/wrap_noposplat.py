@@ -18,32 +18,9 @@ Examples::
         --data ../shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
 """
 
-import argparse
-import json
 import sys
 
-from diff3r_plugin.integration.upstream import add_example_args, run_builtin, run_upstream
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_example_args(parser)
-    args = parser.parse_args(argv)
-    if args.upstream:
-        overrides = [f"diff3r.{kv}" for kv in args.diff3r] + [
-            f"diff3r.steps={args.tto_steps}", f"diff3r.inner_solver={args.inner_solver}",
-            f"diff3r.pcg_maxiter={args.pcg_maxiter}"]
-        log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-        result = run_upstream(args.upstream, "noposplat", args.data, image_shape=(args.image_size, args.image_size),
-                              steps=args.steps, eval_scenes=args.eval_scenes, checkpoint=args.checkpoint,
-                              device=args.device, diff3r_overrides=overrides, log_fn=log)
-    else:
-        result = run_builtin("pose_free", args)
-    if result is None:
-        return 1
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
-
+from diff3r_plugin.integration.upstream import example_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(example_main("noposplat", "pose_free", __doc__))

@@ -584,3 +584,27 @@ def run_builtin(kind: str, args: Any, log_fn=None) -> Optional[dict]:
         "seconds_per_step": sum(times) / len(times) if times else None,
         "eval": results,
     }
+
+
+def example_main(repo: str, builtin_kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point shared by ``examples/wrap_<repo>.py``: upstream checkout or built-in model."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_example_args(parser)
+    args = parser.parse_args(argv)
+    if args.upstream:
+        overrides = [f"diff3r.{kv}" for kv in args.diff3r] + [
+            f"diff3r.steps={args.tto_steps}", f"diff3r.inner_solver={args.inner_solver}",
+            f"diff3r.pcg_maxiter={args.pcg_maxiter}"]
+        log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+        result = run_upstream(args.upstream, repo, args.data, image_shape=(args.image_size, args.image_size),
+                              steps=args.steps, eval_scenes=args.eval_scenes, checkpoint=args.checkpoint,
+                              device=args.device, diff3r_overrides=overrides, log_fn=log)
+    else:
+        result = run_builtin(builtin_kind, args)
+    if result is None:
+        return 1
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0

@@ -27,15 +27,6 @@ K = 2  # random directions for theta0 and for Lambda each
 CONVERGED = dict(steps=15, inner_solver="lm", stationarity_tol=1e-10, pcg_tol=1e-10, pcg_maxiter=2000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _expand(t, b):
     return t.expand(b, *t.shape[1:])
 

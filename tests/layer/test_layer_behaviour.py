@@ -21,15 +21,6 @@ G, SIZE = 8, 8
 FAST = dict(steps=5, inner_solver="adam")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_problem(seed=0, dtype=F64, noise=0.05, sh_degree=0):
     s = make_scene(G, SIZE, 2, dtype=dtype, seed=seed, sh_degree=sh_degree)
     layout = s.params.layout
