@@ -34,10 +34,17 @@ class _Base:
         self.lam = lam.detach()
         self.sqrt_w = objective.pixel_weights(self.theta)
         self._cache: dict = {}
+        self._last_idx: Tensor | None = None
+        self._last_key: tuple = ()
         self.num_matvecs = 0
 
     def _subset(self, idx: Tensor):
+        # PCG passes the same index tensor until its active set changes: recognise it by
+        # identity so that an iteration does not read the indices back to the host.
+        if idx is self._last_idx:
+            return self._cache[self._last_key]
         key = tuple(idx.tolist())
+        self._last_idx, self._last_key = idx, key
         if key not in self._cache:
             self._cache.clear()  # the active set only shrinks; keep one entry
             views = self.objective.views.select(idx)
