@@ -375,16 +375,22 @@ class Diff3RConfig(_Section):
         lr: Per-attribute Adam learning rates.
         means_lr_scale: Scale the means' rate by the scene extent (``"scene_extent"``) or not.
         lm_damping: Levenberg-Marquardt damping added to the Gauss-Newton diagonal.
-        lm_pcg_iters: PCG iterations per LM step.
+        lm_pcg_iters: Maximum PCG iterations per LM step.
+        lm_pcg_tol: Relative residual at which the PCG of an LM step stops.
         backward: ``"implicit"`` (IFT + PCG) or ``"unroll"`` (backprop through K steps).
         hessian: Matrix of the implicit solve: ``"gauss_newton"`` (J^T J + diag(Lambda), the
             paper's choice; exact when the context residuals vanish at the optimum) or
             ``"exact"`` (full Hessian-vector products by double backward; torch backend only).
-        matvec: Hessian-vector products by ``"autodiff"`` or ``"finite_difference"``
-            (for black-box first-order rasterizers).
+        matvec: Hessian-vector products by ``"sparse"`` (the torch renderer's explicit
+            factored Jacobian; the default), ``"autodiff"`` (jvp + vjp through the torch
+            renderer) or ``"finite_difference"`` (for black-box first-order rasterizers).
         fd_eps: Step of the finite-difference JVP.
-        precond: PCG preconditioner: ``"jacobi"`` (Hutchinson-estimated diagonal) or ``"none"``.
-        precond_probes: Number of random probes for the Jacobi diagonal estimate.
+        precond: PCG preconditioner: ``"block_jacobi"`` (exact per-Gaussian blocks of
+            ``J^T J`` plus ``Lambda``; needs ``matvec="sparse"`` and otherwise falls back to
+            ``"jacobi"``, which ``info.precond`` then reports), ``"jacobi"`` (``diag(J^T J) +
+            Lambda``: exact with ``matvec="sparse"``, else estimated with Rademacher probes)
+            or ``"none"``.
+        precond_probes: Number of random probes for the estimated Jacobi diagonal.
         pcg_tol: Relative residual tolerance of the backward PCG.
         pcg_maxiter: Maximum PCG iterations in the backward pass.
         pcg_check_every: Check the residual for NaN/divergence every this many iterations.
@@ -410,12 +416,13 @@ class Diff3RConfig(_Section):
     lr: LearningRates = field(default_factory=LearningRates)
     means_lr_scale: Literal["scene_extent", "none"] = "scene_extent"
     lm_damping: float = field(default=1e-3, metadata=_bound(gt=0))
-    lm_pcg_iters: int = field(default=20, metadata=_bound(ge=1))
+    lm_pcg_iters: int = field(default=50, metadata=_bound(ge=1))
+    lm_pcg_tol: float = field(default=1e-2, metadata=_bound(gt=0, lt=1))
     backward: Literal["implicit", "unroll"] = "implicit"
     hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
-    matvec: Literal["autodiff", "finite_difference"] = "autodiff"
+    matvec: Literal["sparse", "autodiff", "finite_difference"] = "sparse"
     fd_eps: float = field(default=1e-3, metadata=_bound(gt=0))
-    precond: Literal["jacobi", "none"] = "jacobi"
+    precond: Literal["block_jacobi", "jacobi", "none"] = "block_jacobi"
     precond_probes: int = field(default=8, metadata=_bound(ge=1))
     pcg_tol: float = field(default=1e-3, metadata=_bound(gt=0, lt=1))
     pcg_maxiter: int = field(default=100, metadata=_bound(ge=1))

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--steps", default="10,50,200", help="comma-separated K values")
     p.add_argument("--inner-solver", choices=["adam", "lm"], default="adam")
-    p.add_argument("--precond", choices=["jacobi", "none"], default="jacobi")
+    p.add_argument("--precond", choices=["block_jacobi", "jacobi", "none"], default="block_jacobi",
+                   help="preconditioner of the PCG solves (implicit backward and LM steps)")
+    p.add_argument("--matvec", choices=["sparse", "autodiff", "finite_difference"], default="sparse")
     p.add_argument("--hessian", choices=["gauss_newton", "exact"], default="gauss_newton")
     p.add_argument("--lam", type=float, default=1.0,
                    help="constant Lambda for every parameter (default: the uncertainty head's initial value)")
@@ -73,7 +75,8 @@ def _config(args, backward: str, steps: int) -> Diff3RConfig:
     if tol is None:
         tol = 1e-4 if args.inner_solver == "lm" else 0.0
     return Diff3RConfig(steps=steps, inner_solver=args.inner_solver, backward=backward,
-                        hessian=args.hessian, precond=args.precond, stationarity_tol=tol,
+                        hessian=args.hessian, precond=args.precond, matvec=args.matvec,
+                        stationarity_tol=tol,
                         pcg_tol=args.pcg_tol, pcg_maxiter=args.pcg_maxiter,
                         precond_probes=args.precond_probes, on_failure="fallback")
 
@@ -116,7 +119,7 @@ def _limit_memory(gb: float):
 
 def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
     cmd = [sys.executable, "-m", "diff3r_plugin.bench.layer_bench", "--worker", f"{backward}:{steps}:{out_path}"]
-    for key in ("gaussians", "size", "views", "inner_solver", "precond", "hessian", "lam",
+    for key in ("gaussians", "size", "views", "inner_solver", "precond", "matvec", "hessian", "lam",
                 "pcg_tol", "pcg_maxiter", "precond_probes", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.stationarity_tol is not None:
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
                 "unroll_forward_ms": None if unr is None else round(unr["forward_ms"], 1),
             })
     return {"gaussians": args.gaussians, "size": args.size, "views": args.views,
-            "precond": args.precond, "hessian": args.hessian, "lam": args.lam, "runs": runs,
+            "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian, "lam": args.lam, "runs": runs,
             "notes": notes}
 
 

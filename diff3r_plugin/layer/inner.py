@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .matvec import make_matvec
 from .objective import Objective
 from .pcg import pcg
+from .sparse_jacobian import SparseJacobian, block_preconditioner
 
 
 @dataclass
@@ -52,8 +53,12 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
     """``steps`` Adam iterations on ``E`` with per-entry learning rates ``lr`` ``[b, n]``."""
     b = theta0.shape[0]
     theta = theta0 if create_graph else theta0.detach().clone()
-    m = torch.zeros_like(theta0)
-    v = torch.zeros_like(theta0)
+    # Moments and the update in float64: with 3DGS's eps = 1e-15, d(m / (sqrt(v) + eps))/dv
+    # ~ 1/g^2 overflows float32 for entries with tiny but non-zero gradients, which turns the
+    # unrolled backward into inf * 0 = NaN.
+    m = torch.zeros_like(theta0, dtype=torch.float64)
+    v = torch.zeros_like(theta0, dtype=torch.float64)
+    lr = lr.double()
     moving = torch.ones(b, dtype=torch.bool, device=theta0.device)
     taken = torch.zeros(b, dtype=torch.long, device=theta0.device)
     rollbacks = torch.zeros(b, dtype=torch.long, device=theta0.device)
@@ -67,15 +72,16 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
         if not bool(moving.any()):
             break
         b1, b2 = betas
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
+        g64 = g.double()
+        m = b1 * m + (1 - b1) * g64
+        v = b2 * v + (1 - b2) * g64 * g64
         mhat = m / (1 - b1 ** (k + 1))
         vhat = v / (1 - b2 ** (k + 1))
         # sqrt with a zero derivative at v = 0: entries whose gradient is always zero (culled
         # Gaussians) would otherwise turn the unrolled backward into 0 * inf = NaN.
         pos = vhat > 0
         root = torch.where(pos, torch.where(pos, vhat, torch.ones_like(vhat)).sqrt(), torch.zeros_like(vhat))
-        step = lr * mhat / (root + eps)
+        step = (lr * mhat / (root + eps)).to(theta.dtype)
         candidate = theta - step * moving[:, None].to(theta)
         cand, e_new, g_new = _energy_and_grad(obj, candidate, theta0, lam, sqrt_w, create_graph)
         ok = _finite_rows(cand, e_new, g_new)
@@ -91,12 +97,29 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
 
 
 def lm_solve(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping: float = 1e-3,
-             tol: float = 1e-4, pcg_iters: int = 20, precond_probes: int = 4,
-             matvec: str = "autodiff", fd_eps: float = 1e-3, create_graph: bool = False,
-             progress: bool = False, generator: torch.Generator | None = None) -> InnerResult:
+             tol: float = 1e-4, pcg_iters: int = 50, pcg_tol: float = 1e-2, precond: str = "block_jacobi",
+             precond_probes: int = 4, matvec: str = "sparse", fd_eps: float = 1e-3,
+             create_graph: bool = False, progress: bool = False,
+             generator: torch.Generator | None = None) -> InnerResult:
     """Levenberg-Marquardt on ``E``: each step solves
-    ``(J^T J + Lambda + mu D) delta = -grad E`` with PCG, ``D = diag(J^T J) + Lambda``
-    (estimated), and accepts it where the energy decreases (``mu /= 3``), else ``mu *= 4``."""
+    ``(J^T J + Lambda + mu D) delta = -grad E`` with PCG, ``D = diag(J^T J) + Lambda``, and
+    accepts it where the energy decreases, else grows ``mu``.
+
+    With ``matvec="sparse"`` (torch backend) every step linearizes the renderer once into its
+    explicit factored Jacobian (:mod:`.sparse_jacobian`), which gives the energy, the gradient
+    ``J^T r + Lambda (theta - theta0)``, cheap products, the exact ``D`` and, with
+    ``precond="block_jacobi"``, exact per-Gaussian preconditioner blocks. Other matvecs use
+    passes through the renderer and an estimated ``D``.
+
+    With ``create_graph=True`` (the unrolled reference) every step stays on the autograd graph:
+    with ``matvec="sparse"`` each step's linear solve is differentiated exactly, by an adjoint
+    solve with the same matrix (memory: one linearization per step); with the other matvecs by
+    autograd through the PCG iterations. The damping ``mu``, the scaling ``D`` and the
+    preconditioner are constants of each step.
+    """
+    if matvec == "sparse":
+        return _lm_sparse(obj, theta0, lam, steps, damping=damping, tol=tol, pcg_iters=pcg_iters,
+                          pcg_tol=pcg_tol, precond=precond, create_graph=create_graph, progress=progress)
     b = theta0.shape[0]
     device = theta0.device
     theta = theta0 if create_graph else theta0.detach().clone()
@@ -127,8 +150,8 @@ def lm_solve(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping
             def a_mv(p, idx):
                 return mv(p, idx) + mu_c.index_select(0, idx)[:, None] * diag.index_select(0, idx) * p
 
-        delta, _ = pcg(a_mv, -g, precond=(1 + mu_c[:, None]) * diag, tol=1e-2, maxiter=pcg_iters,
-                       check_every=max(1, pcg_iters // 4))
+        delta, _ = pcg(a_mv, -g, precond=None if precond == "none" else (1 + mu_c[:, None]) * diag,
+                       tol=pcg_tol, maxiter=pcg_iters, check_every=max(1, min(5, pcg_iters // 4)))
         delta = delta * moving[:, None].to(delta)
         cand, e_new, g_new = _energy_and_grad(obj, theta + delta, theta0, lam, sqrt_w, create_graph)
         ok = _finite_rows(cand, e_new, g_new)
@@ -142,6 +165,114 @@ def lm_solve(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping
         taken = taken + (moving | accept).long()
         gn = g.detach().norm(dim=1)
     return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks)
+
+
+def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping: float, tol: float,
+               pcg_iters: int, pcg_tol: float, precond: str, create_graph: bool,
+               progress: bool) -> InnerResult:
+    b = theta0.shape[0]
+    device = theta0.device
+    sqrt_w = obj.pixel_weights(theta0.detach())
+    lam_d = lam.detach()
+
+    def linearize(t: Tensor):
+        t = t if create_graph else t.detach()
+        plan = obj.make_plan(t)
+        with torch.set_grad_enabled(create_graph):
+            sj = SparseJacobian.build(t, obj.layout, obj.views, plan, sqrt_w)
+            d = t - theta0
+            r = sj.residual
+            e = 0.5 * (r * r).sum(1) + 0.5 * (lam * d * d).sum(1)
+            g = sj.vjp(r) + lam * d
+        return sj, e, g
+
+    theta = theta0 if create_graph else theta0.detach().clone()
+    mu = torch.full((b,), damping, dtype=theta0.dtype, device=device)
+    taken = torch.zeros(b, dtype=torch.long, device=device)
+    rollbacks = torch.zeros(b, dtype=torch.long, device=device)
+    moving = torch.ones(b, dtype=torch.bool, device=device)
+    sj, e0, g = linearize(theta)
+    g0 = g.detach().norm(dim=1)
+    e, gn = e0, g0
+    for _ in tqdm(range(steps), disable=not progress, desc="TTO (lm)", leave=False):
+        moving = moving & (gn > tol * g0)
+        if not bool(moving.any()):
+            break
+        with torch.no_grad():
+            jtj = sj.diagonal()
+            scale = (jtj + lam_d) * mu[:, None]  # mu D
+            diag = jtj + lam_d + scale
+            if precond == "block_jacobi":
+                blocks = sj.block_diagonal()
+                blocks = blocks + torch.diag_embed((lam_d + scale)[:, sj.slots])
+                pre = block_preconditioner(blocks, diag, sj.slots)
+            elif precond == "jacobi":
+                pre = diag
+            else:
+                pre = None
+
+        def a_mv(p, idx, sj=sj, scale=scale):
+            full = p if idx.numel() == b else torch.zeros(b, p.shape[1], dtype=p.dtype, device=p.device).index_copy(0, idx, p)
+            out = sj.gauss_newton(full)
+            out = out if idx.numel() == b else out.index_select(0, idx)
+            return out + (lam.index_select(0, idx) + scale.index_select(0, idx)) * p
+
+        with torch.no_grad():
+            delta, _ = pcg(a_mv, -g.detach(), precond=pre, tol=pcg_tol, maxiter=pcg_iters,
+                           check_every=max(1, min(5, pcg_iters // 4)))
+        if create_graph:
+            # The step as a differentiable function of theta: delta = A(theta)^-1 (-g(theta)).
+            # Its derivative comes from an adjoint solve with the same A (see _LinearSolve), so
+            # the graph holds one linearization per step instead of every PCG iteration.
+            def solve(rhs, a_mv=a_mv, pre=pre):
+                return pcg(a_mv, rhs, precond=pre, tol=1e-8, maxiter=max(10 * pcg_iters, 500))[0]
+
+            resid = -g - (sj.gauss_newton(delta) + (lam + scale) * delta)
+            delta = delta + _LinearSolve.apply(resid, solve)
+        delta = delta * moving[:, None].to(delta)
+        with torch.no_grad():
+            d_ = delta.detach()
+            # Decrease predicted by the Gauss-Newton model (without the damping term).
+            model = (g.detach() * d_).sum(1) + 0.5 * (d_ * (sj.gauss_newton(d_) + lam_d * d_)).sum(1)
+            predicted = (-model).clamp_min(torch.finfo(theta0.dtype).tiny)
+        sj_new, e_new, g_new = linearize(theta + delta)
+        cand = theta + delta
+        ok = _finite_rows(cand, e_new, g_new)
+        rollbacks = rollbacks + (~ok & moving).long()
+        accept = ok & (e_new.detach() <= e.detach()) & moving
+        # Gain-ratio damping update (Nielsen's rule on acceptance): shrink mu by up to 3x after
+        # a step that the model predicted well; grow it 4x after a rejected step.
+        rho = (e.detach() - e_new.detach()) / predicted
+        shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3, max=1.0)
+        mu = torch.where(accept, (mu / 3).clamp_min(1e-7), mu * 4)
+        theta = torch.where(accept[:, None], cand, theta)
+        g = torch.where(accept[:, None], g_new, g)
+        e = torch.where(accept, e_new, e)
+        moving = moving & ok & (mu < 1e8)
+        taken = taken + (moving | accept).long()
+        gn = g.detach().norm(dim=1)
+        if bool(accept.all()):
+            sj = sj_new
+        elif bool(accept.any()):
+            sj = linearize(theta)[0]
+    if not create_graph:
+        theta = theta.detach()
+    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks)
+
+
+class _LinearSolve(torch.autograd.Function):
+    """``x = A^-1 r`` for a symmetric ``A`` given as a solver; the backward is ``A^-1 grad``."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor, solve):  # type: ignore[override]
+        ctx.solve = solve
+        with torch.no_grad():
+            return solve(r.detach())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        with torch.no_grad():
+            return ctx.solve(grad), None
 
 
 class _GraphGN:

@@ -91,16 +91,33 @@ class _Implicit(torch.autograd.Function):
         return grad_theta0, grad_lam, None, None
 
 
+def effective_matvec(config: Diff3RConfig, backend: str) -> str:
+    """The matvec actually used: renderers other than the torch one only have a first-order
+    backward, so they always use finite-difference products."""
+    return config.matvec if backend == "torch" else "finite_difference"
+
+
+def effective_precond(config: Diff3RConfig, backend: str) -> str:
+    """Block-Jacobi needs the explicit Jacobian (``matvec="sparse"``); otherwise the
+    (estimated) diagonal Jacobi preconditioner is used."""
+    if config.precond == "block_jacobi" and (config.hessian != "gauss_newton"
+                                              or effective_matvec(config, backend) != "sparse"):
+        return "jacobi"
+    return config.precond
+
+
 def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta_star: Tensor,
                    theta0: Tensor, lam: Tensor, grad: Tensor) -> Tensor:
     """Solve ``H v = grad`` per scene and record the solve in ``info``."""
     t0 = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         grad = grad.detach()
-        mv = make_matvec(config.matvec, config.hessian, obj, theta_star.detach(), theta0.detach(),
-                         lam.detach(), config.fd_eps)
+        mv = make_matvec(effective_matvec(config, obj.backend), config.hessian, obj,
+                         theta_star.detach(), theta0.detach(), lam.detach(), config.fd_eps)
         precond = None
-        if config.precond == "jacobi":
+        if config.precond == "block_jacobi" and hasattr(mv, "block_preconditioner"):
+            precond = mv.block_preconditioner(lam.detach())
+        elif config.precond != "none":
             gen = torch.Generator(device="cpu").manual_seed(0)
             precond = mv.jtj_diag(config.precond_probes, gen) + lam.detach()
         v, res = pcg(mv, grad, precond=precond, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
@@ -175,22 +192,26 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
         else:
             res = lm_solve(obj, t0_in, lam_in, config.steps, damping=config.lm_damping,
                            tol=config.stationarity_tol, pcg_iters=config.lm_pcg_iters,
-                           precond_probes=config.precond_probes, matvec=config.matvec,
+                           pcg_tol=config.lm_pcg_tol, precond=effective_precond(config, obj.backend),
+                           precond_probes=config.precond_probes,
+                           matvec=effective_matvec(config, obj.backend),
                            fd_eps=config.fd_eps, create_graph=unroll, progress=config.progress,
                            generator=torch.Generator().manual_seed(0))
     b = theta0.shape[0]
     device = theta0.device
     zeros = torch.zeros(b, device=device)
+    used_matvec = effective_matvec(config, obj.backend)
+    used_precond = effective_precond(config, obj.backend)
     if res is None:
-        info = Diff3RInfo(config.inner_solver, config.backward, config.matvec, config.hessian,
-                          config.precond, torch.zeros(b, dtype=torch.long, device=device), zeros.clone(),
+        info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
+                          used_precond, torch.zeros(b, dtype=torch.long, device=device), zeros.clone(),
                           zeros.clone(), zeros.clone(), torch.zeros(b, dtype=torch.long, device=device))
     else:
         theta_star = res.theta
         stat = res.grad_norm / res.grad_norm0.clamp_min(torch.finfo(res.grad_norm.dtype).tiny)
         stat = torch.where(res.grad_norm0 > 0, stat, torch.zeros_like(stat))
-        info = Diff3RInfo(config.inner_solver, config.backward, config.matvec, config.hessian,
-                          config.precond, res.steps, stat.detach(), res.energy0, res.energy,
+        info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
+                          used_precond, res.steps, stat.detach(), res.energy0, res.energy,
                           res.nan_rollbacks)
         if bool((res.nan_rollbacks > 0).any()):
             _report(config.on_failure,

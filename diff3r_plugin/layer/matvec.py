@@ -8,11 +8,16 @@ both through the torch renderer with the pair list frozen at ``theta*``.
 upstream CUDA rasterizers): ``J p ~ (r(theta + e p) - r(theta - e p)) / (2 e)`` with ``e``
 chosen so that ``||e p||_inf = fd_eps``, and ``J^T u`` by the renderer's backward.
 
+``GaussNewtonSparse``: the same ``(J^T W J + diag(Lambda)) p`` from the explicit factored
+Jacobian of :mod:`.sparse_jacobian` (gathers and scatter-adds over pixel-Gaussian pairs, about
+ten times cheaper than a pass through the renderer), with the exact diagonal of ``J^T W J`` and
+its exact per-Gaussian blocks for the (block-)Jacobi preconditioner.
+
 ``ExactHessian``: full ``nabla^2 E p`` by double backward (includes the residual-curvature
 term that Gauss-Newton drops; exact implicit gradients even when context residuals do not
 vanish at the optimum). Not guaranteed positive definite away from a minimum.
 
-All three also estimate ``diag(J^T W J)`` for the Jacobi preconditioner with Rademacher
+The others estimate ``diag(J^T W J)`` for the Jacobi preconditioner with Rademacher
 probes ``z`` over the residuals: ``E[(J^T z)^2] = diag(J^T J)`` exactly, so every probe costs
 one VJP and the estimate is never negative.
 """
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .objective import Objective
+from .sparse_jacobian import SparseJacobian, block_preconditioner
 from .views import ContextViews
 
 
@@ -100,6 +106,50 @@ class GaussNewtonAutodiff(_Base):
         return 2 * z - 1
 
 
+class GaussNewtonSparse(_Base):
+    name = "sparse"
+
+    def __init__(self, objective: Objective, theta: Tensor, theta0: Tensor, lam: Tensor,
+                 jacobian: SparseJacobian | None = None):
+        super().__init__(objective, theta, theta0, lam)
+        self._all = torch.arange(self.theta.shape[0], device=self.theta.device)
+        if jacobian is not None:
+            self._cache[tuple(range(self.theta.shape[0]))] = jacobian
+
+    def full(self) -> SparseJacobian:
+        """The Jacobian of the whole batch."""
+        return self._subset(self._all)
+
+    def _prepare(self, idx, views: ContextViews, sqrt_w):
+        theta = self.theta.index_select(0, idx)
+        plan = self.objective.make_plan(theta, views)
+        with torch.no_grad():
+            return SparseJacobian.build(theta, self.objective.layout, views, plan, sqrt_w)
+
+    def jvp(self, p: Tensor, idx: Tensor) -> Tensor:
+        return self._subset(idx).jvp(p)
+
+    def jt(self, u: Tensor, idx: Tensor) -> Tensor:
+        return self._subset(idx).vjp(u)
+
+    def gn(self, p: Tensor, idx: Tensor) -> Tensor:
+        return self._subset(idx).gauss_newton(p)
+
+    def jtj_diag(self, probes: int = 0, generator: torch.Generator | None = None) -> Tensor:
+        """The exact ``diag(J^T W J)`` (no probes needed)."""
+        return self.full().diagonal()
+
+    def block_preconditioner(self, extra: Tensor, diag: Tensor | None = None):
+        """Block-Jacobi ``M^-1`` for ``J^T W J + diag(extra)``: exact per-Gaussian blocks."""
+        sj = self.full()
+        blocks = sj.block_diagonal()
+        slots = sj.slots
+        blocks = blocks + torch.diag_embed(extra[:, slots])
+        if diag is None:
+            diag = sj.diagonal() + extra
+        return block_preconditioner(blocks, diag, slots)
+
+
 class GaussNewtonFiniteDifference(_Base):
     name = "finite_difference"
 
@@ -160,6 +210,10 @@ def make_matvec(kind: str, hessian: str, objective: Objective, theta: Tensor, th
         if objective.backend != "torch":
             raise ValueError("hessian='exact' needs the torch backend (double backward)")
         return ExactHessian(objective, theta, theta0, lam)
+    if kind == "sparse":
+        if objective.backend != "torch":
+            raise ValueError("matvec='sparse' needs the torch backend; use matvec='finite_difference'")
+        return GaussNewtonSparse(objective, theta, theta0, lam)
     if kind == "autodiff":
         if objective.backend != "torch":
             raise ValueError("matvec='autodiff' needs the torch backend; use matvec='finite_difference'")

@@ -35,7 +35,7 @@ def pcg(
     matvec: MatVec,
     rhs: Tensor,
     *,
-    precond: Tensor | None = None,
+    precond: "Tensor | Callable[[Tensor, Tensor], Tensor] | None" = None,
     x0: Tensor | None = None,
     tol: float = 1e-3,
     maxiter: int = 100,
@@ -46,7 +46,9 @@ def pcg(
     Args:
         matvec: ``matvec(p, idx)`` returns ``A_idx p`` for the scenes ``idx``.
         rhs: ``[b, n]``.
-        precond: ``[b, n]`` positive diagonal ``M`` (Jacobi): ``z = r / M``; None for plain CG.
+        precond: ``[b, n]`` positive diagonal ``M`` (Jacobi): ``z = r / M``; or a callable
+            ``precond(r, idx)`` applying ``M^-1`` (symmetric positive definite) to the rows of
+            the scenes ``idx``; None for plain CG.
         x0: Warm start ``[b, n]`` (in the original, unnormalized scale).
         tol: Relative residual tolerance.
         maxiter: Iteration cap per scene.
@@ -61,8 +63,16 @@ def pcg(
     x = torch.zeros_like(rhs) if x0 is None else x0 / scale
     all_idx = torch.arange(b, device=device)
     r = bhat - matvec(x, all_idx) if x0 is not None else bhat.clone()
-    inv_m = None if precond is None else 1.0 / precond
-    z = r if inv_m is None else r * inv_m
+    if callable(precond):
+        apply_m = precond
+    elif precond is not None:
+        inv_m = 1.0 / precond
+
+        def apply_m(v: Tensor, idx: Tensor) -> Tensor:
+            return v * inv_m.index_select(0, idx)
+    else:
+        apply_m = None
+    z = r if apply_m is None else apply_m(r, all_idx)
     p = z.clone()
     rz = (r * z).sum(1)
     iters = torch.zeros(b, dtype=torch.long, device=device)
@@ -83,7 +93,7 @@ def pcg(
         alpha = torch.where(bad, torch.zeros_like(alpha), alpha)
         x = x.index_add(0, active, alpha[:, None] * pa)
         r_a = r.index_select(0, active) - alpha[:, None] * ap
-        z_a = r_a if inv_m is None else r_a * inv_m.index_select(0, active)
+        z_a = r_a if apply_m is None else apply_m(r_a, active)
         rz_new = (r_a * z_a).sum(1)
         beta = rz_new / rz.index_select(0, active).clamp_min(torch.finfo(rhs.dtype).tiny)
         p = p.index_copy(0, active, z_a + beta[:, None] * pa)

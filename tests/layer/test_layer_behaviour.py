@@ -163,9 +163,37 @@ def test_nan_mid_optimization_fallback(prob, monkeypatch):
     assert any("NaN" in m for m in info.messages)  # ... but recorded
 
 
+def nan_after_linearization(monkeypatch, n_ok: int):
+    """Make the LM's linearization (``SparseJacobian.build``) give NaN residuals from its
+    ``n_ok + 1``-th call on."""
+    from diff3r_plugin.layer.sparse_jacobian import SparseJacobian
+    original = SparseJacobian.build.__func__
+    calls = {"n": 0}
+
+    def build(cls, *args, **kwargs):
+        sj = original(cls, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > n_ok:
+            sj.residual = torch.full_like(sj.residual, float("nan"))
+        return sj
+
+    monkeypatch.setattr(SparseJacobian, "build", classmethod(build))
+    return calls
+
+
 def test_nan_mid_optimization_lm_fallback(prob, monkeypatch):
-    nan_after(monkeypatch, 40)
+    calls = nan_after_linearization(monkeypatch, 4)
     cfg = Diff3RConfig(steps=10, inner_solver="lm", on_failure="fallback")
+    theta_star, info = diff3r_layer(prob["theta0"], prob["lam"], prob["views"], prob["layout"], cfg)
+    assert bool(torch.isfinite(theta_star).all())
+    assert int(info.nan_rollbacks[0]) >= 1
+    assert calls["n"] > 4
+    assert int(info.inner_steps[0]) >= 3  # the steps before the NaN were kept
+
+
+def test_nan_mid_optimization_lm_autodiff_fallback(prob, monkeypatch):
+    nan_after(monkeypatch, 40)
+    cfg = Diff3RConfig(steps=10, inner_solver="lm", on_failure="fallback", matvec="autodiff")
     theta_star, info = diff3r_layer(prob["theta0"], prob["lam"], prob["views"], prob["layout"], cfg)
     assert bool(torch.isfinite(theta_star).all())
     assert int(info.nan_rollbacks[0]) >= 1

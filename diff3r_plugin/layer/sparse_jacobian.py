@@ -1,0 +1,311 @@
+"""The Jacobian of the torch renderer's residuals, held explicitly in factored sparse form.
+
+With the pair list frozen at ``theta``, pixel ``p``'s colour depends on Gaussian ``i`` only
+through ``i``'s projected features in that view, ``f = [mean2d (2), conic (3), opacity, colour
+(3)]``, and every Gaussian's features depend only on its own parameters and its view's camera
+(and pose delta). So the Jacobian factors exactly into
+
+    J[(p, c), theta_i] = L[pair (p, i)] (3 x 9)  @  F[(view, i)] (9 x n_i)
+
+* ``F``: per (view, Gaussian) Jacobian of the projection, from one forward-mode JVP per
+  parameter slot (one slot of every Gaussian at once; the blocks do not overlap).
+* ``L``: per pair, in closed form from the compositing rule
+  ``C = bg + sum_i w_i (c_i - bg)`` with ``w_i = k_i alpha_i T_i``:
+
+      dC/dalpha_i = k_i T_i (c_i - bg) - S_i / (1 - alpha_i),   S_i = sum_{j behind i} w_j (c_j - bg)
+      dC/dc_i = w_i I
+
+  and ``dalpha_i / d(mean2d, conic, opacity)`` of ``alpha = min(0.99, o exp(power))``.
+
+Products ``J p`` and ``J^T u`` are then gathers and scatter-adds over pairs (no pass through
+the renderer), and ``diag(J^T W J)`` and the per-Gaussian blocks of ``J^T W J`` are exact.
+Everything is built from differentiable torch operations, so with ``theta`` on an autograd
+graph the products stay differentiable with respect to the linearization point.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..gaussians.layout import GaussianLayout, GaussianParams
+from ..render.api import pose_adjusted_extrinsics
+from ..render.common import ALPHA_MAX, T_MIN, _broadcast_background, project
+from ..render.torch_backend import PairPlan
+from .views import ContextViews
+
+NUM_FEATURES = 9  # mean2d (2), conic (3), opacity (1), colour (3)
+
+
+def gaussian_slots(layout: GaussianLayout, device=None) -> Tensor:
+    """``[G, n_i]`` flat indices of each Gaussian's own parameters (all groups but pose)."""
+    g = layout.num_gaussians
+    cols = []
+    for group, s in layout.slices.items():
+        if group == "pose":
+            continue
+        per = layout.group_numel(group) // max(g, 1)
+        if per == 0:
+            continue
+        base = s.start + torch.arange(g, device=device)[:, None] * per
+        cols.append(base + torch.arange(per, device=device)[None])
+    return torch.cat(cols, 1)
+
+
+def _features(theta: Tensor, layout: GaussianLayout, views: ContextViews):
+    params = GaussianParams.unflatten(theta, layout)
+    extr = pose_adjusted_extrinsics(params, views.extrinsics)
+    proj = project(params.means, params.covariances(), params.harmonics, params.opacities(), extr,
+                   views.intrinsics, views.near, views.image_shape, views.sh_basis)
+    feats = torch.cat([proj.mean2d, proj.conic, proj.opacity[:, None], proj.color], 1)
+    return feats, proj
+
+
+@dataclass
+class SparseJacobian:
+    """``J`` of the flat residuals ``[b, m]`` (``m = v * 3 * h * w``) at one ``theta``."""
+
+    layout: GaussianLayout
+    views: ContextViews
+    plan: PairPlan
+    slots: Tensor  # [G, n_i]
+    feat_jac: Tensor  # [N, 9, n_i], N = b * v * G
+    pose_jac: Tensor | None  # [N, 9, 6] or None
+    g_alpha: Tensor  # [P, 3] dC/dalpha per pair
+    d_alpha: Tensor  # [P, 6] dalpha/d(mean2d, conic, opacity) per pair
+    weight: Tensor  # [P] w_i = k_i alpha_i T_i
+    sqrt_w: Tensor | None  # [num_pixels, 3] or None
+    residual: Tensor  # [b, m] weighted residual at theta
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, theta: Tensor, layout: GaussianLayout, views: ContextViews, plan: PairPlan,
+              sqrt_w: Tensor | None = None) -> "SparseJacobian":
+        b = theta.shape[0]
+        v = views.num_views
+        h, w = views.image_shape
+        device, dtype = theta.device, theta.dtype
+        slots = gaussian_slots(layout, device)
+        feats, proj = _features(theta, layout, views)
+
+        # F: one JVP of the projection per parameter slot (a slot of all Gaussians at once).
+        def feat_fn(t):
+            return _features(t, layout, views)[0]
+
+        n_i = slots.shape[1]
+        cols = []
+        for s in range(n_i):
+            tangent = torch.zeros_like(theta)
+            tangent[:, slots[:, s]] = 1
+            cols.append(torch.func.jvp(feat_fn, (theta,), (tangent,))[1])
+        feat_jac = torch.stack(cols, -1) if cols else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0)
+        pose_jac = None
+        p_views = layout.num_pose_views
+        if p_views > 0:
+            ps = layout.slices["pose"]
+            pcols = []
+            for k in range(6):
+                tangent = torch.zeros_like(theta)
+                tangent[:, ps.start + k: ps.stop: 6] = 1
+                pcols.append(torch.func.jvp(feat_fn, (theta,), (tangent,))[1])
+            pose_jac = torch.stack(pcols, -1)
+
+        # L: closed-form derivatives of the compositing of every pair.
+        bg = _broadcast_background(views.background, b, v, theta).reshape(b * v, 3)
+        pg = feats.index_select(0, plan.gaussian)
+        dx = pg[:, 0] - plan.px
+        dy = pg[:, 1] - plan.py
+        ca, cb, cc, op = pg[:, 2], pg[:, 3], pg[:, 4], pg[:, 5]
+        power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
+        gauss = torch.exp(power)
+        raw = op * gauss
+        alpha = torch.clamp_max(raw, ALPHA_MAX)
+        free = (raw <= ALPHA_MAX).to(dtype)
+        log_t = torch.log1p(-alpha).double()
+        cs = torch.cumsum(log_t, 0)
+        excl = cs - log_t
+        trans = torch.exp(excl - excl.index_select(0, plan.seg_start)).to(dtype)
+        keep = ((trans * (1 - alpha)).detach() >= T_MIN).to(dtype)
+        weight = alpha * trans * keep
+        pix_view = torch.div(plan.pixel, h * w, rounding_mode="floor")
+        cd = pg[:, 6:9] - bg.index_select(0, pix_view)
+        wc = (weight[:, None] * cd).double()
+        total = torch.zeros(plan.num_pixels, 3, dtype=wc.dtype, device=device).index_add(0, plan.pixel, wc)
+        inc = torch.cumsum(wc, 0)
+        start = inc.index_select(0, plan.seg_start) - wc.index_select(0, plan.seg_start)
+        behind = (total.index_select(0, plan.pixel) - (inc - start)).to(dtype)
+        g_alpha = (keep * trans)[:, None] * cd - behind / (1 - alpha)[:, None]
+        da = (free * alpha)[:, None] * torch.stack(
+            [-(ca * dx + cb * dy), -(cc * dy + cb * dx), -0.5 * dx * dx, -dx * dy, -0.5 * dy * dy], 1)
+        d_alpha = torch.cat([da, (free * gauss)[:, None]], 1)
+
+        # Residual at theta (the same render as the composite of the pairs).
+        color = bg.index_select(0, torch.div(torch.arange(plan.num_pixels, device=device), h * w,
+                                              rounding_mode="floor"))
+        color = color.index_add(0, plan.pixel, weight[:, None] * cd)
+        sw = None
+        if sqrt_w is not None:
+            sw = sqrt_w.expand(b, v, 3, h, w).permute(0, 1, 3, 4, 2).reshape(-1, 3)
+        images = views.images.permute(0, 1, 3, 4, 2).reshape(-1, 3)
+        res = color - images
+        if sw is not None:
+            res = res * sw
+        residual = res.reshape(b, v, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b, -1)
+        return cls(layout, views, plan, slots, feat_jac, pose_jac, g_alpha, d_alpha, weight, sw, residual)
+
+    # -- products ----------------------------------------------------------------------
+
+    @property
+    def _shape(self):
+        b = self.residual.shape[0]
+        h, w = self.views.image_shape
+        return b, self.views.num_views, h, w
+
+    def _to_pixels(self, u: Tensor) -> Tensor:
+        b, v, h, w = self._shape
+        return u.reshape(b, v, 3, h, w).permute(0, 1, 3, 4, 2).reshape(-1, 3)
+
+    def _from_pixels(self, img: Tensor) -> Tensor:
+        b, v, h, w = self._shape
+        return img.reshape(b, v, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b, -1)
+
+    def feature_tangent(self, p: Tensor) -> Tensor:
+        """``F p``: ``[N, 9]`` tangents of the projected features."""
+        b, v = self._shape[:2]
+        g = self.layout.num_gaussians
+        pg = p[:, self.slots]  # [b, G, n_i]
+        pg = pg[:, None].expand(b, v, g, pg.shape[-1]).reshape(b * v * g, -1)
+        q = torch.einsum("nfs,ns->nf", self.feat_jac, pg)
+        if self.pose_jac is not None:
+            pp = torch.zeros(b, v, 6, dtype=p.dtype, device=p.device)
+            npv = self.layout.num_pose_views
+            pp = torch.cat([pp[:, :1], p[:, self.layout.slices["pose"]].reshape(b, npv, 6), pp[:, npv + 1:]], 1)
+            pp = pp[:, :, None].expand(b, v, g, 6).reshape(b * v * g, 6)
+            q = q + torch.einsum("nfs,ns->nf", self.pose_jac, pp)
+        return q
+
+    def jvp(self, p: Tensor) -> Tensor:
+        """``W^1/2 J p`` as ``[b, m]``."""
+        q = self.feature_tangent(p).index_select(0, self.plan.gaussian)
+        val = self.g_alpha * (self.d_alpha * q[:, :6]).sum(1, keepdim=True) + self.weight[:, None] * q[:, 6:]
+        img = torch.zeros(self.plan.num_pixels, 3, dtype=p.dtype, device=p.device).index_add(0, self.plan.pixel, val)
+        if self.sqrt_w is not None:
+            img = img * self.sqrt_w
+        return self._from_pixels(img)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        """``J^T W^1/2 u`` as ``[b, n]``."""
+        b, v = self._shape[:2]
+        g = self.layout.num_gaussians
+        up = self._to_pixels(u)
+        if self.sqrt_w is not None:
+            up = up * self.sqrt_w
+        up = up.index_select(0, self.plan.pixel)
+        s = (self.g_alpha * up).sum(1, keepdim=True)
+        ct_pair = torch.cat([self.d_alpha * s, self.weight[:, None] * up], 1)
+        ct = torch.zeros(b * v * g, NUM_FEATURES, dtype=u.dtype, device=u.device).index_add(
+            0, self.plan.gaussian, ct_pair)
+        per_slot = torch.einsum("nfs,nf->ns", self.feat_jac, ct).reshape(b, v, g, -1).sum(1)
+        start = self.layout.slices["pose"].start
+        out = torch.zeros(b, start, dtype=u.dtype, device=u.device)
+        out = out.index_copy(1, self.slots.reshape(-1), per_slot.reshape(b, -1))
+        if self.pose_jac is not None:
+            npv = self.layout.num_pose_views
+            pose = torch.einsum("nfs,nf->ns", self.pose_jac, ct).reshape(b, v, g, 6).sum(2)
+            out = torch.cat([out, pose[:, 1:npv + 1].reshape(b, -1)], 1)
+        return out
+
+    def gauss_newton(self, p: Tensor) -> Tensor:
+        return self.vjp(self.jvp(p))
+
+    # -- exact diagonal and per-Gaussian blocks -----------------------------------------
+
+    def _pair_blocks(self, lo: int, hi: int) -> Tensor:
+        """``W^1/2 J`` restricted to pairs ``lo:hi``: ``[pairs, 3, n_i]``."""
+        gid = self.plan.gaussian[lo:hi]
+        f = self.feat_jac.index_select(0, gid)  # [k, 9, n_i]
+        loc = torch.einsum("kc,kf->kcf", self.g_alpha[lo:hi], self.d_alpha[lo:hi])  # [k, 3, 6]
+        blk = torch.einsum("kcf,kfs->kcs", loc, f[:, :6]) + self.weight[lo:hi, None, None] * f[:, 6:]
+        if self.sqrt_w is not None:
+            blk = blk * self.sqrt_w.index_select(0, self.plan.pixel[lo:hi])[:, :, None]
+        return blk
+
+    def _gaussian_of_pair(self, lo: int, hi: int) -> Tensor:
+        b, v = self._shape[:2]
+        g = self.layout.num_gaussians
+        gid = self.plan.gaussian[lo:hi]
+        return torch.div(gid, v * g, rounding_mode="floor") * g + gid % g
+
+    def block_diagonal(self, chunk: int = 1 << 17) -> Tensor:
+        """Exact per-Gaussian blocks of ``J^T W J``: ``[b, G, n_i, n_i]``."""
+        b = self._shape[0]
+        g = self.layout.num_gaussians
+        n_i = self.slots.shape[1]
+        acc = self.g_alpha.new_zeros(b * g, n_i, n_i)
+        for lo in range(0, self.plan.num_pairs, chunk):
+            hi = min(lo + chunk, self.plan.num_pairs)
+            blk = self._pair_blocks(lo, hi)
+            acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), torch.einsum("kcs,kct->kst", blk, blk))
+        return acc.reshape(b, g, n_i, n_i)
+
+    def diagonal(self, chunk: int = 1 << 18) -> Tensor:
+        """Exact ``diag(J^T W J)`` as ``[b, n]``."""
+        b, v, h, w = self._shape
+        g = self.layout.num_gaussians
+        n_i = self.slots.shape[1]
+        acc = self.g_alpha.new_zeros(b * g, n_i)
+        for lo in range(0, self.plan.num_pairs, chunk):
+            hi = min(lo + chunk, self.plan.num_pairs)
+            blk = self._pair_blocks(lo, hi)
+            acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), (blk * blk).sum(1))
+        start = self.layout.slices["pose"].start
+        out = torch.zeros(b, start, dtype=acc.dtype, device=acc.device)
+        out = out.index_copy(1, self.slots.reshape(-1), acc.reshape(b, -1))
+        if self.pose_jac is not None:
+            # A pose parameter touches every Gaussian of its view: sum the pairs per pixel first.
+            npv = self.layout.num_pose_views
+            pix = self.pose_jac.new_zeros(self.plan.num_pixels, 3, 6)
+            for lo in range(0, self.plan.num_pairs, chunk):
+                hi = min(lo + chunk, self.plan.num_pairs)
+                gid = self.plan.gaussian[lo:hi]
+                f = self.pose_jac.index_select(0, gid)
+                loc = torch.einsum("kc,kf->kcf", self.g_alpha[lo:hi], self.d_alpha[lo:hi])
+                blk = torch.einsum("kcf,kfs->kcs", loc, f[:, :6]) + self.weight[lo:hi, None, None] * f[:, 6:]
+                pix = pix.index_add(0, self.plan.pixel[lo:hi], blk)
+            if self.sqrt_w is not None:
+                pix = pix * self.sqrt_w[:, :, None]
+            per_view = (pix * pix).sum(1).reshape(b, v, h * w, 6).sum(2)
+            out = torch.cat([out, per_view[:, 1:npv + 1].reshape(b, -1)], 1)
+        return out
+
+
+def block_preconditioner(blocks: Tensor, diag: Tensor, slots: Tensor):
+    """``M^-1`` of a block-Jacobi preconditioner as a callable ``(r, idx) -> z`` for PCG.
+
+    Args:
+        blocks: ``[b, G, n_i, n_i]`` per-Gaussian blocks of the system matrix (SPD).
+        diag: ``[b, n]`` its full diagonal; entries outside the blocks (the pose group) use it
+            as a plain Jacobi preconditioner.
+        slots: ``[G, n_i]`` flat indices of each block's entries.
+
+    A block whose Cholesky factorization fails (not numerically positive definite) falls back
+    to its diagonal.
+    """
+    blocks = blocks.detach().double()
+    diag = diag.detach()
+    chol, info = torch.linalg.cholesky_ex(blocks)
+    bad = info != 0
+    if bool(bad.any()):
+        fallback = torch.diag_embed(torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(
+            torch.finfo(blocks.dtype).tiny).sqrt())
+        chol = torch.where(bad[..., None, None], fallback, chol)
+    flat = slots.reshape(-1)
+
+    def apply(r: Tensor, idx: Tensor) -> Tensor:
+        z = r / diag.index_select(0, idx)
+        rb = r[:, slots].double()[..., None]
+        zb = torch.cholesky_solve(rb, chol.index_select(0, idx))[..., 0].to(r.dtype)
+        return z.index_copy(1, flat, zb.reshape(r.shape[0], -1))
+
+    return apply
