@@ -230,20 +230,11 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
             resid = -g - (sj.gauss_newton(delta) + (lam + scale) * delta)
             delta = delta + _LinearSolve.apply(resid, solve)
         delta = delta * moving[:, None].to(delta)
-        with torch.no_grad():
-            d_ = delta.detach()
-            # Decrease predicted by the Gauss-Newton model (without the damping term).
-            model = (g.detach() * d_).sum(1) + 0.5 * (d_ * (sj.gauss_newton(d_) + lam_d * d_)).sum(1)
-            predicted = (-model).clamp_min(torch.finfo(theta0.dtype).tiny)
-        sj_new, e_new, g_new = linearize(theta + delta)
         cand = theta + delta
+        sj_new, e_new, g_new = linearize(cand)
         ok = _finite_rows(cand, e_new, g_new)
         rollbacks = rollbacks + (~ok & moving).long()
         accept = ok & (e_new.detach() <= e.detach()) & moving
-        # Gain-ratio damping update (Nielsen's rule on acceptance): shrink mu by up to 3x after
-        # a step that the model predicted well; grow it 4x after a rejected step.
-        rho = (e.detach() - e_new.detach()) / predicted
-        shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3, max=1.0)
         mu = torch.where(accept, (mu / 3).clamp_min(1e-7), mu * 4)
         theta = torch.where(accept[:, None], cand, theta)
         g = torch.where(accept[:, None], g_new, g)

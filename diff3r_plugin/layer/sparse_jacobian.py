@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..gaussians.layout import GaussianLayout, GaussianParams
 from ..render.api import pose_adjusted_extrinsics
-from ..render.common import ALPHA_MAX, T_MIN, _broadcast_background, project
-from ..render.torch_backend import PairPlan
+from ..render.common import ALPHA_MAX, _broadcast_background, project
+from ..render.torch_backend import PairPlan, _pair_power, pair_transmittance
 from .views import ContextViews
 
 NUM_FEATURES = 9  # mean2d (2), conic (3), opacity (1), colour (3)
@@ -116,17 +116,12 @@ class SparseJacobian:
         pg = feats.index_select(0, plan.gaussian)
         dx = pg[:, 0] - plan.px
         dy = pg[:, 1] - plan.py
-        ca, cb, cc, op = pg[:, 2], pg[:, 3], pg[:, 4], pg[:, 5]
-        power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-        gauss = torch.exp(power)
-        raw = op * gauss
+        ca, cb, cc = pg[:, 2], pg[:, 3], pg[:, 4]
+        gauss = torch.exp(_pair_power(pg, plan.px, plan.py))
+        raw = pg[:, 5] * gauss
         alpha = torch.clamp_max(raw, ALPHA_MAX)
         free = (raw <= ALPHA_MAX).to(dtype)
-        log_t = torch.log1p(-alpha).double()
-        cs = torch.cumsum(log_t, 0)
-        excl = cs - log_t
-        trans = torch.exp(excl - excl.index_select(0, plan.seg_start)).to(dtype)
-        keep = ((trans * (1 - alpha)).detach() >= T_MIN).to(dtype)
+        trans, keep = pair_transmittance(alpha, plan.seg_start)
         weight = alpha * trans * keep
         pix_view = torch.div(plan.pixel, h * w, rounding_mode="floor")
         cd = pg[:, 6:9] - bg.index_select(0, pix_view)
@@ -221,10 +216,12 @@ class SparseJacobian:
 
     # -- exact diagonal and per-Gaussian blocks -----------------------------------------
 
-    def _pair_blocks(self, lo: int, hi: int) -> Tensor:
-        """``W^1/2 J`` restricted to pairs ``lo:hi``: ``[pairs, 3, n_i]``."""
+    def _pair_blocks(self, lo: int, hi: int, feat_jac: Tensor | None = None) -> Tensor:
+        """``W^1/2 J`` restricted to pairs ``lo:hi``: ``[pairs, 3, n_i]`` (or, with
+        ``feat_jac=self.pose_jac``, the pairs' parts of the pose columns ``[pairs, 3, 6]``)."""
+        feat_jac = self.feat_jac if feat_jac is None else feat_jac
         gid = self.plan.gaussian[lo:hi]
-        f = self.feat_jac.index_select(0, gid)  # [k, 9, n_i]
+        f = feat_jac.index_select(0, gid)  # [k, 9, n_i]
         loc = torch.einsum("kc,kf->kcf", self.g_alpha[lo:hi], self.d_alpha[lo:hi])  # [k, 3, 6]
         blk = torch.einsum("kcf,kfs->kcs", loc, f[:, :6]) + self.weight[lo:hi, None, None] * f[:, 6:]
         if self.sqrt_w is not None:
@@ -268,13 +265,7 @@ class SparseJacobian:
             pix = self.pose_jac.new_zeros(self.plan.num_pixels, 3, 6)
             for lo in range(0, self.plan.num_pairs, chunk):
                 hi = min(lo + chunk, self.plan.num_pairs)
-                gid = self.plan.gaussian[lo:hi]
-                f = self.pose_jac.index_select(0, gid)
-                loc = torch.einsum("kc,kf->kcf", self.g_alpha[lo:hi], self.d_alpha[lo:hi])
-                blk = torch.einsum("kcf,kfs->kcs", loc, f[:, :6]) + self.weight[lo:hi, None, None] * f[:, 6:]
-                pix = pix.index_add(0, self.plan.pixel[lo:hi], blk)
-            if self.sqrt_w is not None:
-                pix = pix * self.sqrt_w[:, :, None]
+                pix = pix.index_add(0, self.plan.pixel[lo:hi], self._pair_blocks(lo, hi, self.pose_jac))
             per_view = (pix * pix).sum(1).reshape(b, v, h * w, 6).sum(2)
             out = torch.cat([out, per_view[:, 1:npv + 1].reshape(b, -1)], 1)
         return out

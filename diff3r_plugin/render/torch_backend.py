@@ -47,6 +47,22 @@ def _pair_power(g: Tensor, px: Tensor, py: Tensor) -> Tensor:
     return -0.5 * (g[:, 2] * dx * dx + g[:, 4] * dy * dy) - g[:, 3] * dx * dy
 
 
+def pair_transmittance(alpha: Tensor, seg_start: Tensor) -> tuple[Tensor, Tensor]:
+    """Transmittance in front of every pair of a sorted plan, and the early-stop mask.
+
+    ``T_i = prod_{j < i in the same pixel} (1 - alpha_j)`` by a segmented cumulative sum of
+    ``log(1 - alpha)`` in float64. Upstream stops before the Gaussian that would take ``T``
+    below 1e-4; ``T (1 - alpha)`` only decreases along a pixel's list, so the (non-differentiable)
+    mask ``keep`` is a prefix of each list.
+    """
+    log_t = torch.log1p(-alpha).double()
+    cs = torch.cumsum(log_t, 0)
+    excl = cs - log_t
+    trans = torch.exp(excl - excl.index_select(0, seg_start)).to(alpha.dtype)
+    keep = ((trans * (1 - alpha)).detach() >= T_MIN).to(alpha.dtype)
+    return trans, keep
+
+
 def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: int = 1 << 24) -> PairPlan:
     """Enumerate the (pixel, Gaussian) pairs that contribute, sorted for compositing."""
     h, w = image_shape
@@ -141,14 +157,7 @@ def composite(
     pg = attrs.index_select(0, plan.gaussian)
     power = _pair_power(pg, plan.px, plan.py)
     alpha = torch.clamp_max(pg[:, 5] * torch.exp(power), ALPHA_MAX)
-    log_t = torch.log1p(-alpha).double()
-    cs = torch.cumsum(log_t, 0)
-    excl = cs - log_t
-    log_trans = excl - excl.index_select(0, plan.seg_start)
-    trans = torch.exp(log_trans).to(dtype)
-    # Upstream stops before the Gaussian that would take T below 1e-4; T (1 - alpha) only
-    # decreases along a pixel's list, so this mask is a prefix of each list.
-    keep = ((trans * (1 - alpha)).detach() >= T_MIN).to(dtype)
+    trans, keep = pair_transmittance(alpha, plan.seg_start)
     weight = alpha * trans * keep
 
     acc = torch.zeros(num_pix, 5, dtype=dtype, device=weight.device)
