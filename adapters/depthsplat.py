@@ -11,6 +11,9 @@ default) runs TTO on the last ``b`` rows only and passes the intermediate predic
 unchanged (their upstream losses still train the encoder); ``predictions="each"`` runs TTO on
 every prediction against the same context views (K times the cost). In eval mode only the final
 prediction exists and both settings are the same.
+
+The SH degree is read from ``encoder.cfg.gaussian_adapter.sh_degree`` (2 in
+``config/model/encoder/depthsplat.yaml``), like every other adapter.
 """
 
 from __future__ import annotations
@@ -68,10 +71,3 @@ class DepthSplatAdapter(Adapter):
         if self.predictions == "final":
             return [(slice((k - 1) * b, k * b), views)]
         return [(slice(i * b, (i + 1) * b), views) for i in range(k)]
-
-    def encoder_sh_degree(self, encoder: Any) -> int:
-        cfg = getattr(encoder, "cfg", None)
-        deg = getattr(cfg, "sh_degree", None)  # DepthSplat keeps it at the top of its cfg
-        if deg is None:
-            return super().encoder_sh_degree(encoder)
-        return int(deg)

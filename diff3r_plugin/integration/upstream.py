@@ -9,13 +9,19 @@
   ``cam_trans_delta`` are honoured), so the upstream pipeline runs on CPU.
 * :func:`install_rasterizer_stub` puts a stub ``diff_gaussian_rasterization`` module in
   ``sys.modules`` so the upstream packages import without the CUDA extension (UPSTREAM.md §7).
+* :func:`offline_torch_hub` makes ``torch.hub.load("<owner>/<repo>", ...)`` (DepthSplat's
+  DINOv2, pixelSplat's DINO backbone) build from a local checkout with random weights, so nothing
+  is downloaded.
 * :func:`compose_upstream_config` composes an upstream Hydra config with the plugin's config
   group on the search path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -27,8 +33,8 @@ from torch import Tensor, nn
 
 from ..config import Diff3RConfig, load_from_hydra
 
-__all__ = ["DecoderOutput", "TorchDecoder", "compose_upstream_config", "install_import_stubs",
-           "install_rasterizer_stub",
+__all__ = ["DecoderOutput", "OfflineHubError", "TorchDecoder", "UPSTREAM_SPECS", "compose_upstream_config",
+           "install_import_stubs", "install_rasterizer_stub", "local_hub_checkout", "offline_torch_hub",
            "resolve_adapter", "wrap_from_hydra"]
 
 log = logging.getLogger(__name__)
@@ -201,16 +207,50 @@ def install_rasterizer_stub(name: str = "diff_gaussian_rasterization") -> types.
     return mod
 
 
+#: Compatibility shims installed by :func:`install_import_stubs` (not modules).
+_COMPAT_SHIMS = ("matplotlib.cm.get_cmap",)
+
+
+def _install_matplotlib_get_cmap() -> bool:
+    """Re-add ``matplotlib.cm.get_cmap`` (removed in matplotlib 3.9).
+
+    DepthSplat imports it at import time (``src/visualization/vis_depth.py``, reached from
+    ``src.config`` via ``model_wrapper``); MVSplat/pixelSplat call ``cm.get_cmap`` at run time.
+    Delegates to ``matplotlib.colormaps``. Returns whether it was added.
+    """
+    try:
+        import matplotlib
+        import matplotlib.cm as cm
+    except Exception:
+        return False
+    if hasattr(cm, "get_cmap"):
+        return False
+
+    def get_cmap(name: Any = None, lut: Optional[int] = None) -> Any:
+        cmap = matplotlib.colormaps.get_cmap(name)
+        return cmap if lut is None else cmap.resampled(lut)
+
+    get_cmap.__diff3r_stub__ = True  # type: ignore[attr-defined]
+    cm.get_cmap = get_cmap  # type: ignore[attr-defined]
+    return True
+
+
 def install_import_stubs(names: Sequence[str] = ("diff_gaussian_rasterization", "moviepy",
-                                                 "moviepy.editor")) -> list:
+                                                 "moviepy.editor", "matplotlib.cm.get_cmap")) -> list:
     """Stub modules the upstream packages import at import time but the CPU path never uses.
 
     ``diff_gaussian_rasterization`` (CUDA extension) gets :func:`install_rasterizer_stub`;
-    others (e.g. ``moviepy.editor``, used only to write videos; removed in moviepy 2) become
-    modules whose attributes raise on use. Returns the names that were stubbed.
+    ``matplotlib.cm.get_cmap`` (removed in matplotlib 3.9, imported by DepthSplat) is re-added
+    as a thin alias of ``matplotlib.colormaps.get_cmap``; other names (e.g. ``moviepy.editor``,
+    used only to write videos; removed in moviepy 2) become modules whose attributes raise on
+    use. Returns the names that were stubbed.
     """
     stubbed = []
     for name in names:
+        if name == "matplotlib.cm.get_cmap":
+            if _install_matplotlib_get_cmap():
+                stubbed.append(name)
+            continue
         if name == "diff_gaussian_rasterization":
             if getattr(install_rasterizer_stub(name), "__diff3r_stub__", False):
                 stubbed.append(name)
@@ -240,6 +280,86 @@ def install_import_stubs(names: Sequence[str] = ("diff_gaussian_rasterization", 
     return stubbed
 
 
+class OfflineHubError(RuntimeError):
+    """``torch.hub.load`` from GitHub was called under :func:`offline_torch_hub` without a local checkout."""
+
+
+def _hub_env_var(owner: str, name: str) -> str:
+    return "DIFF3R_TORCH_HUB_" + re.sub(r"[^0-9A-Za-z]", "_", f"{owner}_{name}").upper()
+
+
+def local_hub_checkout(repo: str) -> Optional[Path]:
+    """A local checkout (a directory with ``hubconf.py``) of the torch hub repo ``owner/name[:ref]``.
+
+    Looked up, in order, in ``$DIFF3R_TORCH_HUB_<OWNER>_<NAME>`` (e.g.
+    ``DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2``) and in the torch hub cache
+    (``torch.hub.get_dir()/<owner>_<name>_<ref>``, ref ``main``/``master`` when not given),
+    which is where an earlier online ``torch.hub.load`` left it. ``None`` when not found.
+    """
+    owner_name, _, ref = repo.partition(":")
+    owner, _, name = owner_name.partition("/")
+    candidates = []
+    env = os.environ.get(_hub_env_var(owner, name))
+    if env:
+        candidates.append(Path(env).expanduser())
+    hub_dir = Path(torch.hub.get_dir())
+    for r in ([ref] if ref else []) + ["main", "master"]:
+        candidates.append(hub_dir / f"{owner}_{name}_{r.replace('/', '_')}")
+    for path in candidates:
+        if (path / "hubconf.py").is_file():
+            return path.resolve()
+    return None
+
+
+@contextlib.contextmanager
+def offline_torch_hub():
+    """Build ``torch.hub`` models from local checkouts with random weights; never download.
+
+    Inside the context, ``torch.hub.load("<owner>/<name>[:ref]", model, ...)`` (the GitHub
+    source, as DepthSplat's ``MultiViewUniMatch`` calls ``facebookresearch/dinov2`` and
+    pixelSplat's DINO backbone ``facebookresearch/dino:main``) becomes
+    ``torch.hub.load(<local checkout>, model, source="local", pretrained=False)``, the checkout
+    found by :func:`local_hub_checkout`. The module is the one upstream builds (same class,
+    same ``state_dict`` keys), so an upstream checkpoint that contains it (e.g. DepthSplat's
+    ``encoder.depth_predictor.pretrained.*``) still loads. ``torch.hub.load_state_dict_from_url``
+    raises. Without a checkout :class:`OfflineHubError` is raised (naming the environment
+    variable to set). ``source="local"`` calls pass through unchanged.
+    """
+    original_load = torch.hub.load
+    original_from_url = torch.hub.load_state_dict_from_url
+
+    def load(repo_or_dir: str, model: str, *args: Any, source: str = "github", trust_repo: Any = None,
+             force_reload: bool = False, verbose: bool = True, skip_validation: bool = False,
+             **kwargs: Any) -> Any:
+        if source != "github":
+            return original_load(repo_or_dir, model, *args, source=source, trust_repo=trust_repo,
+                                 force_reload=force_reload, verbose=verbose,
+                                 skip_validation=skip_validation, **kwargs)
+        local = local_hub_checkout(repo_or_dir)
+        if local is None:
+            owner, _, name = repo_or_dir.partition(":")[0].partition("/")
+            raise OfflineHubError(
+                f"torch.hub.load({repo_or_dir!r}, {model!r}) would download code and weights; "
+                f"diff3r builds it offline with random weights from a local checkout of "
+                f"github.com/{owner}/{name}: set {_hub_env_var(owner, name)}=<checkout> or put it at "
+                f"{Path(torch.hub.get_dir()) / (owner + '_' + name + '_main')}")
+        kwargs["pretrained"] = False
+        log.info("diff3r: torch.hub.load(%r, %r) -> %s (source=local, pretrained=False: random weights)",
+                 repo_or_dir, model, local)
+        return original_load(str(local), model, *args, source="local", verbose=verbose, **kwargs)
+
+    def load_state_dict_from_url(url: str, *args: Any, **kwargs: Any) -> Any:
+        raise OfflineHubError(f"diff3r.offline_torch_hub: refusing to download {url}")
+
+    torch.hub.load = load  # type: ignore[assignment]
+    torch.hub.load_state_dict_from_url = load_state_dict_from_url  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.hub.load = original_load  # type: ignore[assignment]
+        torch.hub.load_state_dict_from_url = original_from_url  # type: ignore[assignment]
+
+
 def compose_upstream_config(upstream: str | Path, overrides: Sequence[str] = (),
                             config_name: str = "main") -> Any:
     """Compose ``<upstream>/config/<config_name>.yaml`` with Hydra's compose API.
@@ -266,8 +386,36 @@ def compose_upstream_config(upstream: str | Path, overrides: Sequence[str] = (),
 # End-to-end runner used by examples/wrap_{mvsplat,noposplat}.py
 
 #: How each upstream repo is composed for a CPU run on a pixelSplat-format RE10K chunk.
+#: ``extra`` overrides make the encoder build offline with random weights (no download):
+#:
+#: * pixelSplat: ``+experiment=re10k`` selects the ``dino`` backbone, which calls
+#:   ``torch.hub.load("facebookresearch/dino:main", "dino_vitb8"/"dino_resnet50")``;
+#:   ``model/encoder/backbone=resnet`` (the encoder's own default) builds a torchvision ResNet-50
+#:   without weights instead. Released pixelSplat checkpoints use the DINO backbone, so with a
+#:   checkpoint :func:`run_upstream` uses ``checkpoint_extra`` (``backbone=dino``, built by
+#:   :func:`offline_torch_hub` from a local facebookresearch/dino checkout, then overwritten by
+#:   the checkpoint).
+#: * DepthSplat: ``MultiViewUniMatch`` always calls ``torch.hub.load("facebookresearch/dinov2",
+#:   "dinov2_vit{s,b,l}14")`` (no config switch); it is built under :func:`offline_torch_hub`
+#:   (local facebookresearch/dinov2 checkout, ``pretrained=False``). ``unimatch_weights_path`` is
+#:   not read by the encoder (only its config has it), nulled for clarity.
 UPSTREAM_SPECS = {
     "mvsplat": {
+        "dataset": "dataset",
+        "image_shape_key": "image_shape",
+        "view_sampler": "dataset/view_sampler=evaluation",
+        "extra": ["model.encoder.unimatch_weights_path=null"],
+    },
+    "pixelsplat": {
+        "dataset": "dataset",
+        "image_shape_key": "image_shape",
+        "view_sampler": "dataset/view_sampler=evaluation",
+        "extra": ["model/encoder/backbone=resnet"],
+        # With a checkpoint: the released models' backbone (needs a local facebookresearch/dino
+        # checkout for offline_torch_hub; random DINO weights, then overwritten by the checkpoint).
+        "checkpoint_extra": ["model/encoder/backbone=dino"],
+    },
+    "depthsplat": {
         "dataset": "dataset",
         "image_shape_key": "image_shape",
         "view_sampler": "dataset/view_sampler=evaluation",
@@ -304,8 +452,9 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
     """Compose an upstream config with ``+optimizer=diff3r``, wrap its encoder, train, evaluate.
 
     Args:
-        upstream: Path of an upstream checkout (MVSplat or NoPoSplat).
-        repo: ``"mvsplat"`` or ``"noposplat"`` (see :data:`UPSTREAM_SPECS`).
+        upstream: Path of an upstream checkout (MVSplat, pixelSplat, DepthSplat or NoPoSplat).
+        repo: A key of :data:`UPSTREAM_SPECS` (``"mvsplat"``, ``"pixelsplat"``, ``"depthsplat"``,
+            ``"noposplat"``).
         data: A pixelSplat-format RE10K root (``test/*.torch`` + ``test/index.json``).
         image_shape: ``dataset.image_shape`` override (multiples of 16).
         steps: Diff3R training steps (Adam on encoder + head, MSE on the targets).
@@ -336,7 +485,9 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
     h, w = int(image_shape[0]), int(image_shape[1])
     overrides = ["+experiment=re10k", "+optimizer=diff3r", "mode=test", "wandb.mode=disabled",
                  f"{ds}.roots=[{data}]", f"{ds}.{spec['image_shape_key']}=[{h},{w}]", spec["view_sampler"],
-                 f"{ds}.view_sampler.index_path={index}", *spec["extra"], *diff3r_overrides]
+                 f"{ds}.view_sampler.index_path={index}",
+                 *(spec.get("checkpoint_extra", spec["extra"]) if checkpoint else spec["extra"]),
+                 *diff3r_overrides]
     cfg = compose_upstream_config(upstream, overrides)
     from src.config import load_typed_root_config  # type: ignore[import-not-found]
     from src.dataset import get_dataset  # type: ignore[import-not-found]
@@ -349,7 +500,8 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
     torch.manual_seed(seed)
     dev = torch.device(device)
     t0 = time.perf_counter()
-    encoder, _ = get_encoder(typed.model.encoder)
+    with offline_torch_hub():
+        encoder, _ = get_encoder(typed.model.encoder)
     log_fn(f"[diff3r] built {type(encoder).__module__}.{type(encoder).__name__} "
            f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M params) in {time.perf_counter() - t0:.1f} s")
     if checkpoint:
@@ -387,8 +539,10 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
         return shim(move(batch))
 
     def encode(batch: dict, step: int) -> Any:
-        if repo == "mvsplat":
+        if repo in ("mvsplat", "depthsplat"):
             return encoder(batch["context"], step, False, scene_names=batch["scene"])
+        if repo == "pixelsplat":
+            return encoder(batch["context"], step, False)
         return encoder(batch["context"], step)
 
     def render_targets(gaussians: Any, batch: dict) -> Tensor:

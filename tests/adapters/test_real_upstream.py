@@ -1,10 +1,15 @@
 """The adapter contract against real upstream checkouts (skipped unless they are given).
 
-Set ``DIFF3R_UPSTREAM_MVSPLAT`` / ``DIFF3R_UPSTREAM_NOPOSPLAT`` to a donydchen/mvsplat or
+Set ``DIFF3R_UPSTREAM_MVSPLAT`` / ``DIFF3R_UPSTREAM_PIXELSPLAT`` / ``DIFF3R_UPSTREAM_DEPTHSPLAT``
+/ ``DIFF3R_UPSTREAM_NOPOSPLAT`` to a donydchen/mvsplat, dcharatan/pixelsplat, cvg/depthsplat or
 cvg/NoPoSplat checkout (their Python deps installed: dacite, e3nn, pytorch_lightning, wandb,
 colorama, colorspacious, opencv, scikit-video, ...). The CUDA rasterizer and moviepy imports are
-stubbed, weights are random, images are 64x64 from ``DIFF3R_TEST_RE10K`` (default: the shared
-padded RE10K demo chunk), the TTO is cheap (1 Adam step).
+stubbed (and ``matplotlib.cm.get_cmap`` re-added for DepthSplat), weights are random (no
+download: pixelSplat uses its ResNet backbone, DepthSplat's DINOv2 is built from a local
+facebookresearch/dinov2 checkout by ``offline_torch_hub``, found through
+``DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2`` or the torch hub cache; skipped without one),
+images are 64x64 from ``DIFF3R_TEST_RE10K`` (default: the shared padded RE10K demo chunk), the
+TTO is cheap (1 Adam step).
 """
 
 import os
@@ -17,7 +22,22 @@ import torch
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 DATA = Path(os.environ.get("DIFF3R_TEST_RE10K", str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "re10k_demo_padded360x640")))
-CASES = [("mvsplat", "DIFF3R_UPSTREAM_MVSPLAT"), ("noposplat", "DIFF3R_UPSTREAM_NOPOSPLAT")]
+# (case id, UPSTREAM_SPECS key, env var, extra overrides)
+CASES = [
+    ("mvsplat", "mvsplat", "DIFF3R_UPSTREAM_MVSPLAT", []),
+    ("noposplat", "noposplat", "DIFF3R_UPSTREAM_NOPOSPLAT", []),
+    ("pixelsplat", "pixelsplat", "DIFF3R_UPSTREAM_PIXELSPLAT", []),
+    ("depthsplat", "depthsplat", "DIFF3R_UPSTREAM_DEPTHSPLAT", []),
+    # The base/large models' multi-scale depth: in training mode the encoder returns the
+    # intermediate and final predictions concatenated along the batch (b * 2 rows).
+    ("depthsplat-2scales", "depthsplat", "DIFF3R_UPSTREAM_DEPTHSPLAT",
+     ["model.encoder.num_scales=2", "model.encoder.upsample_factor=2",
+      "model.encoder.lowest_feature_resolution=4"]),
+]
+#: SH degree of each repo's re10k encoder config (UPSTREAM.md section 1).
+SH_DEGREE = {"mvsplat": 4, "pixelsplat": 4, "noposplat": 4, "depthsplat": 2}
+#: Gaussians per pixel in a non-deterministic forward (pixelSplat samples 3 depths per ray).
+GAUSSIANS_PER_PIXEL = {"pixelsplat": 3}
 
 
 def _purge_src() -> None:
@@ -28,14 +48,15 @@ def _purge_src() -> None:
 
 @pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
 def upstream(request):
-    repo, var = request.param
+    _, repo, var, case_overrides = request.param
     path = os.environ.get(var)
     if not path:
         pytest.skip(f"{var} is not set")
     if not DATA.is_dir():
         pytest.skip(f"{DATA} not found")
-    from diff3r_plugin.integration.upstream import (UPSTREAM_SPECS, compose_upstream_config,
-                                                    install_import_stubs)
+    from diff3r_plugin.integration.upstream import (UPSTREAM_SPECS, OfflineHubError,
+                                                    compose_upstream_config, install_import_stubs,
+                                                    offline_torch_hub)
 
     install_import_stubs()
     _purge_src()
@@ -47,7 +68,7 @@ def upstream(request):
             "+experiment=re10k", "+optimizer=diff3r", "mode=test", "wandb.mode=disabled",
             f"{ds}.roots=[{DATA}]", f"{ds}.{spec['image_shape_key']}=[64,64]", spec["view_sampler"],
             f"{ds}.view_sampler.index_path={DATA}/evaluation_index_2ctx.json", *spec["extra"],
-            "diff3r.steps=1", "diff3r.inner_solver=adam", "diff3r.pcg_maxiter=5"])
+            *case_overrides, "diff3r.steps=1", "diff3r.inner_solver=adam", "diff3r.pcg_maxiter=5"])
         from src.config import load_typed_root_config
         from src.dataset import get_dataset
         from src.global_cfg import set_cfg
@@ -56,7 +77,11 @@ def upstream(request):
         set_cfg(cfg)
         typed = load_typed_root_config(cfg)
         torch.manual_seed(0)
-        encoder, _ = get_encoder(typed.model.encoder)
+        try:
+            with offline_torch_hub():  # nothing is downloaded; random weights
+                encoder, _ = get_encoder(typed.model.encoder)
+        except OfflineHubError as error:
+            pytest.skip(str(error))
         dataset = get_dataset(typed.dataset, "test", None)
         datasets = dataset if isinstance(dataset, list) else [dataset]
         example = next(iter(datasets[0]))
@@ -64,6 +89,20 @@ def upstream(request):
     finally:
         sys.path.remove(str(Path(path).resolve()))
         _purge_src()
+
+
+def _encoder_args(repo: str, context: dict) -> tuple:
+    """The positional call ModelWrapper.training_step makes (NoPoSplat has no ``deterministic``)."""
+    return (context, 0) if repo == "noposplat" else (context, 0, False)
+
+
+def _gaussians(repo: str, out, types):
+    """The upstream Gaussians of an encoder output (DepthSplat: its dict, checked here)."""
+    if repo == "depthsplat":
+        assert isinstance(out, dict) and set(out) == {"gaussians", "depths"}  # return_depth: true
+        out = out["gaussians"]
+    assert type(out) is types.Gaussians
+    return out
 
 
 def test_real_upstream_contract(upstream):
@@ -79,6 +118,7 @@ def test_real_upstream_contract(upstream):
     shim_fn = type(encoder).get_data_shim
     wrap_from_hydra(cfg, encoder)
     assert encoder.diff3r.adapter.name == repo  # auto-detected from the class name
+    assert encoder.diff3r.adapter.encoder_sh_degree(encoder) == SH_DEGREE[repo]
     assert list(encoder.state_dict().keys()) == keys
     encoder.load_state_dict(checkpoint, strict=True)
     assert type(encoder).get_data_shim is shim_fn
@@ -87,19 +127,78 @@ def test_real_upstream_contract(upstream):
     batch = get_data_shim(encoder)(default_collate([example]))
     if repo == "noposplat":
         assert float(batch["context"]["image"].min()) < 0  # the normalize shim ran
+    b, v, _, h, w = batch["context"]["image"].shape
     encoder.train()
-    args = (batch["context"], 0, False) if repo == "mvsplat" else (batch["context"], 0)
-    gaussians = encoder(*args)
-    assert type(gaussians) is types.Gaussians
+    args = _encoder_args(repo, batch["context"])
+    out = encoder(*args)
+    gaussians = _gaussians(repo, out, types)
+    assert encoder.diff3r.calls == 1
+    # Every prediction the encoder returned is kept (DepthSplat multi-scale: b * K rows).
+    k = 1 if repo != "depthsplat" else 1 + (encoder.cfg.num_scales > 1)
+    g = v * h * w * GAUSSIANS_PER_PIXEL.get(repo, 1)
+    assert tuple(gaussians.means.shape) == (b * k, g, 3)
+    assert tuple(gaussians.covariances.shape) == (b * k, g, 3, 3)
+    assert tuple(gaussians.harmonics.shape) == (b * k, g, 3, (SH_DEGREE[repo] + 1) ** 2)
+    assert tuple(gaussians.opacities.shape) == (b * k, g)
+    if repo == "depthsplat":
+        assert tuple(out["depths"].shape) == (b * k, v, h, w)
     decoder = TorchDecoder(sh_basis=encoder.diff3r.adapter.sh_basis)
     t = batch["target"]
-    color = decoder(gaussians, t["extrinsics"], t["intrinsics"], t["near"], t["far"], (64, 64)).color
+    if k > 1:  # render every prediction, as DepthSplat's training_step does
+        t = {key: torch.cat([t[key]] * k) for key in ("extrinsics", "intrinsics", "near", "far", "image")}
+    color = decoder(gaussians, t["extrinsics"], t["intrinsics"], t["near"], t["far"], (h, w)).color
     loss = ((color - t["image"]) ** 2).mean()
     assert torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(p.grad is not None for p in encoder.diff3r_parameters())
+    encoder.eval()  # as in ModelWrapper.test_step: eval mode under inference mode
     with torch.inference_mode():
         out = encoder(*args)
-    assert type(out) is types.Gaussians and torch.isfinite(out.means).all()
+    gaussians = _gaussians(repo, out, types)
+    assert gaussians.means.shape[0] == b and torch.isfinite(gaussians.means).all()  # eval: final only
+
+
+def test_offline_torch_hub_builds_from_local_checkout(tmp_path, monkeypatch):
+    """GitHub hub loads go to a local checkout with pretrained=False; nothing is downloaded."""
+    from diff3r_plugin.integration.upstream import OfflineHubError, local_hub_checkout, offline_torch_hub
+
+    repo = tmp_path / "dinov2"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(
+        "dependencies = ['torch']\n"
+        "def dinov2_vits14(pretrained=True, **kw):\n"
+        "    return {'pretrained': pretrained, **kw}\n")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    monkeypatch.delenv("DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2", raising=False)
+    original = torch.hub.load
+    with offline_torch_hub():
+        with pytest.raises(OfflineHubError, match="DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2"):
+            torch.hub.load("facebookresearch/dinov2", "dinov2_vits14")
+        with pytest.raises(OfflineHubError, match="refusing to download"):
+            torch.hub.load_state_dict_from_url("https://example.invalid/w.pth")
+        monkeypatch.setenv("DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2", str(repo))
+        assert local_hub_checkout("facebookresearch/dinov2") == repo.resolve()
+        assert torch.hub.load("facebookresearch/dinov2", "dinov2_vits14", img_size=518) == \
+            {"pretrained": False, "img_size": 518}
+    assert torch.hub.load is original
+    # The torch hub cache layout (<owner>_<name>_<ref>) is found too.
+    monkeypatch.delenv("DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2")
+    cached = tmp_path / "torch_home" / "hub" / "facebookresearch_dino_main"
+    cached.mkdir(parents=True)
+    (cached / "hubconf.py").write_text("")
+    assert local_hub_checkout("facebookresearch/dino:main") == cached.resolve()
+
+
+def test_matplotlib_get_cmap_shim():
+    """DepthSplat does ``from matplotlib.cm import get_cmap`` (removed in matplotlib 3.9)."""
+    pytest.importorskip("matplotlib")
+    from diff3r_plugin.integration.upstream import install_import_stubs
+
+    install_import_stubs(["matplotlib.cm.get_cmap"])
+    import matplotlib
+    from matplotlib.cm import get_cmap
+
+    assert get_cmap("turbo").name == matplotlib.colormaps["turbo"].name
+    assert get_cmap("viridis", 8).N == 8
