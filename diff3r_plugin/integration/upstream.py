@@ -448,7 +448,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_shape=(64, 64),
                  steps: int = 3, eval_scenes: int = 1, checkpoint: Optional[str] = None,
                  device: str = "cpu", diff3r_overrides: Sequence[str] = (), lr: float = 1e-4,
-                 index: Optional[str] = None, seed: int = 0, log_fn=print) -> dict:
+                 index: Optional[str] = None, seed: int = 0, point_depth_init: Optional[float] = None,
+                 log_fn=print) -> dict:
     """Compose an upstream config with ``+optimizer=diff3r``, wrap its encoder, train, evaluate.
 
     Args:
@@ -464,6 +465,7 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
         device: ``"cpu"`` (renders with :class:`TorchDecoder`) or ``"cuda"``.
         diff3r_overrides: Extra Hydra overrides such as ``"diff3r.steps=5"``.
         index: Evaluation index JSON (default ``<data>/evaluation_index_2ctx.json``).
+        point_depth_init: NoPoSplat with random weights only: see :func:`init_point_depth`.
 
     Returns:
         The JSON-able summary described in the examples' ``--json`` help.
@@ -506,6 +508,11 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
            f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M params) in {time.perf_counter() - t0:.1f} s")
     if checkpoint:
         encoder.load_state_dict(_strip_encoder_prefix(torch.load(checkpoint, map_location="cpu")), strict=True)
+    if point_depth_init is not None:
+        if checkpoint:
+            raise ValueError("point_depth_init only applies to random weights, not with a checkpoint")
+        changed = init_point_depth(encoder, point_depth_init)
+        log_fn(f"[diff3r] point heads' output bias set for an initial depth of {point_depth_init:g}: {', '.join(changed)}")
     encoder.to(dev)
     keys_before = list(encoder.state_dict().keys())
     reference = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
@@ -609,8 +616,44 @@ def run_upstream(upstream: str | Path, repo: str, data: str | Path, *, image_sha
         "loss_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
         "image_shape": [h, w],
         "device": str(dev),
+        "point_depth_init": point_depth_init,
         "eval": results,
     }
+
+
+def init_point_depth(encoder: nn.Module, depth: float) -> list:
+    """Set NoPoSplat's point-head output bias so that untrained points lie ``depth`` ahead.
+
+    NoPoSplat regresses each pixel's point ``xyz`` in the reference camera frame as
+    ``u * expm1(|o|)`` with ``o`` the last 1x1 convolution's first three channels and
+    ``u = o / |o|`` (DUSt3R's ``depth_mode=('exp', -inf, inf)``). With random weights ``o`` is
+    small, so every point lies within a few hundredths of the camera centre, in front of the
+    near-plane cull (upstream's rasterizer culls ``z <= 0.2`` after its scale-invariant
+    rescaling, the plugin's renderer likewise): nothing is drawn and the photometric loss has no
+    gradient. Setting the bias of those channels to ``(0, 0, log1p(depth))`` moves the untrained
+    points to about ``depth`` in front of the reference camera (clustered near the optical axis:
+    the network has not learnt rays), so renders are non-empty and gradients flow. This is an
+    initialization for plumbing checks with random weights, not a trained model; it changes
+    values, never ``state_dict`` keys. Returns the names of the changed parameters.
+    """
+    import math
+
+    if depth <= 0:
+        raise ValueError(f"point_depth_init must be > 0, got {depth}")
+    changed = []
+    for name in ("downstream_head1", "downstream_head2"):
+        head = getattr(encoder, name, None)
+        seq = getattr(getattr(head, "dpt", None), "head", None)
+        last = None
+        if isinstance(seq, nn.Sequential) and isinstance(seq[-1], nn.Conv2d) and seq[-1].bias is not None:
+            last = seq[-1]
+        if last is None or last.bias.numel() < 3:
+            raise ValueError(f"init_point_depth: {type(encoder).__name__} has no NoPoSplat point head '{name}'"
+                             " (dpt.head[-1] with a bias of >= 3 channels)")
+        with torch.no_grad():
+            last.bias[:3] = torch.tensor([0.0, 0.0, math.log1p(depth)], dtype=last.bias.dtype)
+        changed.append(f"{name}.dpt.head.{len(seq) - 1}.bias[:3]")
+    return changed
 
 
 def dataclasses_replace(obj: Any, **changes: Any) -> Any:
@@ -640,6 +683,10 @@ def add_example_args(parser: Any) -> None:
     parser.add_argument("--pcg-maxiter", type=int, default=20)
     parser.add_argument("--diff3r", action="append", default=[], metavar="KEY=VALUE",
                         help="extra diff3r.* override, e.g. --diff3r lambda_mode=constant")
+    parser.add_argument("--point-depth-init", type=float, default=None, metavar="DEPTH",
+                        help="NoPoSplat with random weights: put the untrained points DEPTH ahead of the "
+                             "reference camera (otherwise they all lie in front of the near-plane cull "
+                             "and nothing renders); see init_point_depth")
     parser.add_argument("--json", action="store_true", help="print one JSON summary line")
 
 
@@ -755,7 +802,8 @@ def example_main(repo: str, builtin_kind: str, doc: str, argv: Optional[Sequence
         log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
         result = run_upstream(args.upstream, repo, args.data, image_shape=(args.image_size, args.image_size),
                               steps=args.steps, eval_scenes=args.eval_scenes, checkpoint=args.checkpoint,
-                              device=args.device, diff3r_overrides=overrides, log_fn=log)
+                              device=args.device, diff3r_overrides=overrides,
+                              point_depth_init=args.point_depth_init, log_fn=log)
     else:
         result = run_builtin(builtin_kind, args)
     if result is None:

@@ -113,6 +113,12 @@ def test_real_upstream_contract(upstream):
     repo, cfg, encoder, example = upstream
     import src.model.types as types
 
+    if repo == "noposplat":
+        # Random NoPoSplat weights put every point in front of the near-plane cull (nothing
+        # renders, no photometric gradient); start the untrained points 2 units ahead instead.
+        from diff3r_plugin.integration.upstream import init_point_depth
+
+        init_point_depth(encoder, 2.0)
     keys = list(encoder.state_dict().keys())
     checkpoint = {k: v.clone() for k, v in encoder.state_dict().items()}
     shim_fn = type(encoder).get_data_shim
@@ -150,9 +156,14 @@ def test_real_upstream_contract(upstream):
     loss = ((color - t["image"]) ** 2).mean()
     assert torch.isfinite(loss)
     loss.backward()
-    grads = [p.grad for p in encoder.parameters() if p.grad is not None]
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert any(p.grad is not None for p in encoder.diff3r_parameters())
+    # The photometric loss reaches most encoder tensors (some upstream layers are zero-initialized
+    # or unused, e.g. 199 of DepthSplat's 567) and the uncertainty head (Lambda).
+    nonzero = sum(1 for g in grads if bool((g != 0).any()))
+    assert nonzero >= 0.6 * len(params), f"{nonzero}/{len(params)} encoder tensors got a non-zero gradient"
+    assert any(p.grad is not None and bool((p.grad != 0).any()) for p in encoder.diff3r_parameters())
     encoder.eval()  # as in ModelWrapper.test_step: eval mode under inference mode
     with torch.inference_mode():
         out = encoder(*args)

@@ -89,3 +89,51 @@ def test_import_stubs(monkeypatch):
     with pytest.raises(RuntimeError, match="TorchDecoder"):
         mod.GaussianRasterizer()
     monkeypatch.delitem(sys.modules, "diff3r_fake_cuda_ext")
+
+
+def test_init_point_depth_moves_untrained_points_ahead_and_keeps_keys():
+    """NoPoSplat-shaped point heads: the bias gives ``u * expm1(|o|) = (0, 0, depth)``."""
+    import math
+
+    from torch import nn
+
+    from diff3r_plugin.integration.upstream import init_point_depth
+
+    class Dpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dpt = Dpt()
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.downstream_head1, self.downstream_head2 = Head(), Head()
+
+    enc = Enc()
+    keys = list(enc.state_dict())
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    changed = init_point_depth(enc, 2.5)
+    assert changed == ["downstream_head1.dpt.head.2.bias[:3]", "downstream_head2.dpt.head.2.bias[:3]"]
+    assert list(enc.state_dict()) == keys
+    for h in (enc.downstream_head1, enc.downstream_head2):
+        last = h.dpt.head[-1]
+        torch.nn.init.zeros_(last.weight)
+        o = h.dpt.head(torch.randn(1, 4, 5, 5))[:, :3].permute(0, 2, 3, 1)
+        d = o.norm(dim=-1, keepdim=True)
+        pts = o / d * torch.expm1(d)
+        assert torch.allclose(pts[..., 2], torch.full_like(pts[..., 2], 2.5), atol=1e-5)
+        assert pts[..., :2].abs().max() < 1e-6
+        assert math.isclose(float(last.bias[2]), math.log1p(2.5), rel_tol=1e-6)
+    # Only the three point channels' biases changed (the weights were zeroed above by the test).
+    assert torch.equal(enc.state_dict()["downstream_head1.dpt.head.0.weight"], before["downstream_head1.dpt.head.0.weight"])
+    assert torch.equal(enc.state_dict()["downstream_head1.dpt.head.2.bias"][3:], before["downstream_head1.dpt.head.2.bias"][3:])
+
+    with pytest.raises(ValueError, match="must be > 0"):
+        init_point_depth(enc, 0.0)
+    with pytest.raises(ValueError, match="no NoPoSplat point head 'downstream_head1'"):
+        init_point_depth(nn.Linear(2, 2), 1.0)
