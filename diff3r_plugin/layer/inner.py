@@ -77,11 +77,15 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
         v = b2 * v + (1 - b2) * g64 * g64
         mhat = m / (1 - b1 ** (k + 1))
         vhat = v / (1 - b2 ** (k + 1))
-        # sqrt with a zero derivative at v = 0: entries whose gradient is always zero (culled
-        # Gaussians) would otherwise turn the unrolled backward into 0 * inf = NaN.
+        # Entries whose gradient has been exactly zero so far (v = 0, hence m = 0: Gaussians no
+        # context view sees) take an explicit zero step. Through lr * m / (sqrt(v) + eps) the
+        # unrolled backward would multiply their adjoint by ~ lr * Lambda / eps ~ 1e11 per step
+        # (via g = Lambda (theta - theta0)) and overflow to inf/NaN within a few steps when the
+        # outer loss sees them; the dropped term is zero in exact arithmetic, the forward is
+        # unchanged. The inner where keeps sqrt's infinite derivative at v = 0 out of the backward.
         pos = vhat > 0
-        root = torch.where(pos, torch.where(pos, vhat, torch.ones_like(vhat)).sqrt(), torch.zeros_like(vhat))
-        step = (lr * mhat / (root + eps)).to(theta.dtype)
+        root = torch.where(pos, vhat, torch.ones_like(vhat)).sqrt()
+        step = torch.where(pos, lr * mhat / (root + eps), torch.zeros_like(mhat)).to(theta.dtype)
         candidate = theta - step * moving[:, None].to(theta)
         cand, e_new, g_new = _energy_and_grad(obj, candidate, theta0, lam, sqrt_w, create_graph)
         ok = _finite_rows(cand, e_new, g_new)
@@ -174,6 +178,7 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
     device = theta0.device
     sqrt_w = obj.pixel_weights(theta0.detach())
     lam_d = lam.detach()
+    adjoint_tol = 1e-5 if theta0.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
 
     def linearize(t: Tensor):
         t = t if create_graph else t.detach()
@@ -223,9 +228,10 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
         if create_graph:
             # The step as a differentiable function of theta: delta = A(theta)^-1 (-g(theta)).
             # Its derivative comes from an adjoint solve with the same A (see _LinearSolve), so
-            # the graph holds one linearization per step instead of every PCG iteration.
+            # the graph holds one linearization per step instead of every PCG iteration. The
+            # adjoint tolerance is what the dtype can reach (float32 PCG stalls near 1e-6).
             def solve(rhs, a_mv=a_mv, pre=pre):
-                return pcg(a_mv, rhs, precond=pre, tol=1e-8, maxiter=max(10 * pcg_iters, 500))[0]
+                return pcg(a_mv, rhs, precond=pre, tol=adjoint_tol, maxiter=max(10 * pcg_iters, 500))[0]
 
             resid = -g - (sj.gauss_newton(delta) + (lam + scale) * delta)
             delta = delta + _LinearSolve.apply(resid, solve)
