@@ -56,11 +56,20 @@ def pair_transmittance(alpha: Tensor, seg_start: Tensor) -> tuple[Tensor, Tensor
     mask ``keep`` is a prefix of each list.
     """
     log_t = torch.log1p(-alpha).double()
-    cs = torch.cumsum(log_t, 0)
-    excl = cs - log_t
-    trans = torch.exp(excl - excl.index_select(0, seg_start)).to(alpha.dtype)
-    keep = ((trans * (1 - alpha)).detach() >= T_MIN).to(alpha.dtype)
-    return trans, keep
+
+    def segment_exclusive(lt: Tensor) -> Tensor:
+        cs = torch.cumsum(lt, 0)
+        excl = cs - lt
+        return torch.exp(excl - excl.index_select(0, seg_start)).to(alpha.dtype)
+
+    with torch.no_grad():
+        keep = (segment_exclusive(log_t) * (1 - alpha) >= T_MIN).to(alpha.dtype)
+    # Pairs past the early stop influence no composited pair. They are cut from the graph so
+    # that rounding in the global cumulative sum (whose cross-pixel terms cancel only up to
+    # ~1e-16) gives no spurious gradient to them, and none to Gaussians that only they contain:
+    # Adam's normalized step would turn such noise into a full-size move.
+    log_t = torch.where(keep > 0, log_t, log_t.detach())
+    return segment_exclusive(log_t), keep
 
 
 def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: int = 1 << 24) -> PairPlan:

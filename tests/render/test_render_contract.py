@@ -406,6 +406,27 @@ def test_transmittance_early_stop():
         assert float(out.depth[0, 0, 4, 4]) == pytest.approx(w1 * 2.0 + w2 * 3.0, abs=1e-12)
 
 
+def test_gaussian_behind_the_early_stop_gets_exactly_zero_gradient():
+    """Pairs past the early stop are planned but composite nothing: their Gaussian's gradient is
+    exactly zero (not rounding noise of the global cumulative sum, which Adam would amplify)."""
+    ext, k, near, far, shape = _single_camera(size=15)
+    dc = torch.tensor([[0.3] * 3, [-0.2] * 3, [0.1] * 3, [0.5] * 3], dtype=F64)
+    means, cov, harm, _ = _gaussians([[0.0, 0.0, 2.0], [0.05, 0.0, 2.5], [0.0, -0.05, 3.0], [0.0, 0.02, 4.0]],
+                                     scale=2.0, dc=dc)
+    cov[0, 3] *= 1e-4  # the back Gaussian is small: all its pixels lie behind the three in front
+    opac = torch.tensor([[0.995, 0.995, 0.995, 0.9]], dtype=F64)
+    args = [t.clone().requires_grad_(True) for t in (means, cov, harm, opac)]
+    proj = project(args[0], args[1], args[2], args[3], ext, k, near, shape, "e3nn")
+    plan = build_plan(proj, shape)
+    assert int((plan.gaussian == 3).sum()) > 0  # it is planned ...
+    out = render(*args, ext, k, near, far, shape)
+    loss = _weighted_loss(out, _random_weights(1, 1, *shape, seed=3))
+    grads = torch.autograd.grad(loss, args)
+    for g in grads:
+        assert torch.equal(g[0, 3], torch.zeros_like(g[0, 3]))  # ... but hidden: exactly zero
+        assert float(g[0, :3].abs().max()) > 0
+
+
 def test_faint_gaussian_below_alpha_threshold_is_skipped():
     ext, k, near, far, shape = _single_camera(size=9)
     faint = render(*_gaussians([[0.0, 0.0, 3.0]], opacity=0.99 / 255), ext, k, near, far, shape)
