@@ -14,6 +14,11 @@ Examples::
     python examples/wrap_mvsplat.py --json
     python examples/wrap_mvsplat.py --upstream ../mvsplat \
         --data ../shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
+    python examples/wrap_mvsplat.py --repo depthsplat --upstream ../depthsplat --steps 2 --json
+
+``--repo pixelsplat`` or ``--repo depthsplat`` runs the same with those pose-given encoders
+(pixelSplat and DepthSplat load their DINO / DINOv2 backbones through ``torch.hub``; see
+``offline_torch_hub`` for running them without a network).
 """
 
 import sys

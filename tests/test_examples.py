@@ -20,3 +20,18 @@ def test_builtin_example_runs(repo, kind, capsys):
     for method in ("zero_shot", "diff3r_tto"):
         assert 5 < out["eval"][method]["psnr"] < 60
         assert 0 < out["eval"][method]["ssim"] <= 1
+
+
+def test_repo_without_upstream_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        example_main("mvsplat", "pose_given", "example", ["--repo", "depthsplat"])
+    assert exc.value.code == 2
+    assert "--repo" in capsys.readouterr().err
+
+
+def test_unknown_repo_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        example_main("mvsplat", "pose_given", "example", ["--repo", "anysplat", "--upstream", "/nowhere"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "anysplat" in err and "depthsplat" in err

@@ -669,6 +669,9 @@ def dataclasses_replace(obj: Any, **changes: Any) -> Any:
 def add_example_args(parser: Any) -> None:
     """The command-line options shared by the two wrap examples."""
     parser.add_argument("--upstream", default=None, help="upstream checkout (else: built-in tiny encoder)")
+    parser.add_argument("--repo", default=None, choices=sorted(UPSTREAM_SPECS),
+                        help="which upstream repository --upstream holds (default: the one the example "
+                             "is named after; the pose-given example also runs pixelsplat and depthsplat)")
     parser.add_argument("--checkpoint", default=None, help="upstream checkpoint (default: random weights)")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data"
                                               / "re10k_demo_padded360x640"),
@@ -795,12 +798,14 @@ def example_main(repo: str, builtin_kind: str, doc: str, argv: Optional[Sequence
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     add_example_args(parser)
     args = parser.parse_args(argv)
+    if args.repo and not args.upstream:
+        parser.error("--repo names the repository of an --upstream checkout; pass --upstream PATH too")
     if args.upstream:
         overrides = [f"diff3r.{kv}" for kv in args.diff3r] + [
             f"diff3r.steps={args.tto_steps}", f"diff3r.inner_solver={args.inner_solver}",
             f"diff3r.pcg_maxiter={args.pcg_maxiter}"]
         log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-        result = run_upstream(args.upstream, repo, args.data, image_shape=(args.image_size, args.image_size),
+        result = run_upstream(args.upstream, args.repo or repo, args.data, image_shape=(args.image_size, args.image_size),
                               steps=args.steps, eval_scenes=args.eval_scenes, checkpoint=args.checkpoint,
                               device=args.device, diff3r_overrides=overrides,
                               point_depth_init=args.point_depth_init, log_fn=log)
