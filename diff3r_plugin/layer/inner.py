@@ -204,11 +204,11 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
         if not bool(moving.any()):
             break
         with torch.no_grad():
-            jtj = sj.diagonal()
+            blocks = sj.block_diagonal() if precond == "block_jacobi" else None
+            jtj = sj.diagonal(blocks=blocks)
             scale = (jtj + lam_d) * mu[:, None]  # mu D
             diag = jtj + lam_d + scale
-            if precond == "block_jacobi":
-                blocks = sj.block_diagonal()
+            if blocks is not None:
                 blocks = blocks + torch.diag_embed((lam_d + scale)[:, sj.slots])
                 pre = block_preconditioner(blocks, diag, sj.slots)
             elif precond == "jacobi":

@@ -144,9 +144,9 @@ class GaussNewtonSparse(_Base):
         sj = self.full()
         blocks = sj.block_diagonal()
         slots = sj.slots
-        blocks = blocks + torch.diag_embed(extra[:, slots])
         if diag is None:
-            diag = sj.diagonal() + extra
+            diag = sj.diagonal(blocks=blocks) + extra
+        blocks = blocks + torch.diag_embed(extra[:, slots])
         return block_preconditioner(blocks, diag, slots)
 
 

@@ -8,7 +8,8 @@ through ``i``'s projected features in that view, ``f = [mean2d (2), conic (3), o
     J[(p, c), theta_i] = L[pair (p, i)] (3 x 9)  @  F[(view, i)] (9 x n_i)
 
 * ``F``: per (view, Gaussian) Jacobian of the projection, from one forward-mode JVP per
-  parameter slot (one slot of every Gaussian at once; the blocks do not overlap).
+  parameter slot (one slot of every Gaussian at once; the blocks do not overlap), the slots
+  batched through ``torch.func.vmap``.
 * ``L``: per pair, in closed form from the compositing rule
   ``C = bg + sum_i w_i (c_i - bg)`` with ``w_i = k_i alpha_i T_i``:
 
@@ -89,27 +90,26 @@ class SparseJacobian:
         slots = gaussian_slots(layout, device)
         feats, proj = _features(theta, layout, views)
 
-        # F: one JVP of the projection per parameter slot (a slot of all Gaussians at once).
+        # F: one JVP of the projection per parameter slot (a slot of all Gaussians at once),
+        # the slots batched through one vmap.
         def feat_fn(t):
             return _features(t, layout, views)[0]
 
+        def columns(index_sets) -> Tensor:
+            tangents = theta.new_zeros(len(index_sets), *theta.shape)
+            for k, index in enumerate(index_sets):
+                tangents[k][:, index] = 1
+            out = torch.func.vmap(lambda tan: torch.func.jvp(feat_fn, (theta,), (tan,))[1])(tangents)
+            return out.movedim(0, -1)
+
         n_i = slots.shape[1]
-        cols = []
-        for s in range(n_i):
-            tangent = torch.zeros_like(theta)
-            tangent[:, slots[:, s]] = 1
-            cols.append(torch.func.jvp(feat_fn, (theta,), (tangent,))[1])
-        feat_jac = torch.stack(cols, -1) if cols else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0)
+        feat_jac = (columns([slots[:, s] for s in range(n_i)]) if n_i
+                    else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0))
         pose_jac = None
         p_views = layout.num_pose_views
         if p_views > 0:
             ps = layout.slices["pose"]
-            pcols = []
-            for k in range(6):
-                tangent = torch.zeros_like(theta)
-                tangent[:, ps.start + k: ps.stop: 6] = 1
-                pcols.append(torch.func.jvp(feat_fn, (theta,), (tangent,))[1])
-            pose_jac = torch.stack(pcols, -1)
+            pose_jac = columns([torch.arange(ps.start + k, ps.stop, 6, device=device) for k in range(6)])
 
         # L: closed-form derivatives of the compositing of every pair.
         bg = _broadcast_background(views.background, b, v, theta).reshape(b * v, 3)
@@ -246,16 +246,23 @@ class SparseJacobian:
             acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), torch.einsum("kcs,kct->kst", blk, blk))
         return acc.reshape(b, g, n_i, n_i)
 
-    def diagonal(self, chunk: int = 1 << 18) -> Tensor:
-        """Exact ``diag(J^T W J)`` as ``[b, n]``."""
+    def diagonal(self, chunk: int = 1 << 18, blocks: Tensor | None = None) -> Tensor:
+        """Exact ``diag(J^T W J)`` as ``[b, n]``.
+
+        ``blocks``: the output of :meth:`block_diagonal`, when already at hand; the Gaussian
+        entries are then read off its diagonals instead of another pass over the pairs.
+        """
         b, v, h, w = self._shape
         g = self.layout.num_gaussians
         n_i = self.slots.shape[1]
-        acc = self.g_alpha.new_zeros(b * g, n_i)
-        for lo in range(0, self.plan.num_pairs, chunk):
-            hi = min(lo + chunk, self.plan.num_pairs)
-            blk = self._pair_blocks(lo, hi)
-            acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), (blk * blk).sum(1))
+        if blocks is not None:
+            acc = torch.diagonal(blocks, dim1=-2, dim2=-1).reshape(b * g, n_i)
+        else:
+            acc = self.g_alpha.new_zeros(b * g, n_i)
+            for lo in range(0, self.plan.num_pairs, chunk):
+                hi = min(lo + chunk, self.plan.num_pairs)
+                blk = self._pair_blocks(lo, hi)
+                acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), (blk * blk).sum(1))
         start = self.layout.slices["pose"].start
         out = torch.zeros(b, start, dtype=acc.dtype, device=acc.device)
         out = out.index_copy(1, self.slots.reshape(-1), acc.reshape(b, -1))

@@ -80,6 +80,9 @@ def test_diagonal_and_blocks_are_exact():
     blocks = sparse.full().block_diagonal()
     ref = jtj[:, slots[:, :, None], slots[:, None, :]]
     assert float((blocks - ref).abs().max() / ref.abs().max()) < 1e-12
+    # The diagonal read off the blocks (Gaussian entries) plus the pose pass is the same.
+    from_blocks = sparse.full().diagonal(blocks=blocks)
+    assert float((from_blocks - diag).abs().max() / diag.abs().max()) < 1e-12
 
 
 def test_a_subset_of_scenes_gives_the_rows_of_the_full_batch():
