@@ -216,37 +216,47 @@ class SparseJacobian:
 
     # -- exact diagonal and per-Gaussian blocks -----------------------------------------
 
+    def _pair_factors(self, lo: int, hi: int) -> Tensor:
+        """``A`` of pairs ``lo:hi``, ``[pairs, 3, 9]``: a pair's rows of ``W^1/2 J`` are
+        ``A[pair] @ F[(view, Gaussian)]``, with ``A = W^1/2 [dC/dalpha dalpha/df | w I]``."""
+        loc = self.g_alpha[lo:hi, :, None] * self.d_alpha[lo:hi, None, :]  # [k, 3, 6]
+        eye = torch.eye(3, dtype=loc.dtype, device=loc.device)
+        a = torch.cat([loc, self.weight[lo:hi, None, None] * eye], 2)
+        if self.sqrt_w is not None:
+            a = a * self.sqrt_w.index_select(0, self.plan.pixel[lo:hi])[:, :, None]
+        return a
+
     def _pair_blocks(self, lo: int, hi: int, feat_jac: Tensor | None = None) -> Tensor:
         """``W^1/2 J`` restricted to pairs ``lo:hi``: ``[pairs, 3, n_i]`` (or, with
         ``feat_jac=self.pose_jac``, the pairs' parts of the pose columns ``[pairs, 3, 6]``)."""
         feat_jac = self.feat_jac if feat_jac is None else feat_jac
-        gid = self.plan.gaussian[lo:hi]
-        f = feat_jac.index_select(0, gid)  # [k, 9, n_i]
-        loc = torch.einsum("kc,kf->kcf", self.g_alpha[lo:hi], self.d_alpha[lo:hi])  # [k, 3, 6]
-        blk = torch.einsum("kcf,kfs->kcs", loc, f[:, :6]) + self.weight[lo:hi, None, None] * f[:, 6:]
-        if self.sqrt_w is not None:
-            blk = blk * self.sqrt_w.index_select(0, self.plan.pixel[lo:hi])[:, :, None]
-        return blk
+        f = feat_jac.index_select(0, self.plan.gaussian[lo:hi])  # [k, 9, n_i]
+        return torch.einsum("kcf,kfs->kcs", self._pair_factors(lo, hi), f)
 
-    def _gaussian_of_pair(self, lo: int, hi: int) -> Tensor:
-        b, v = self._shape[:2]
-        g = self.layout.num_gaussians
-        gid = self.plan.gaussian[lo:hi]
-        return torch.div(gid, v * g, rounding_mode="floor") * g + gid % g
+    def feature_moments(self, chunk: int = 1 << 17) -> Tensor:
+        """``M[(view, Gaussian)] = sum over its pairs of A^T A``: ``[N, 9, 9]``.
+
+        The Gaussian blocks of ``J^T W J`` are ``sum over views of F^T M F``, so the pairs are
+        reduced to 9 x 9 feature moments before the (larger) parameter blocks are formed.
+        """
+        acc = self.g_alpha.new_zeros(self.feat_jac.shape[0], NUM_FEATURES, NUM_FEATURES)
+        for lo in range(0, self.plan.num_pairs, chunk):
+            hi = min(lo + chunk, self.plan.num_pairs)
+            a = self._pair_factors(lo, hi)
+            acc = acc.index_add(0, self.plan.gaussian[lo:hi], torch.einsum("kcf,kcg->kfg", a, a))
+        return acc
 
     def block_diagonal(self, chunk: int = 1 << 17) -> Tensor:
         """Exact per-Gaussian blocks of ``J^T W J``: ``[b, G, n_i, n_i]``."""
-        b = self._shape[0]
+        b, v = self._shape[:2]
         g = self.layout.num_gaussians
         n_i = self.slots.shape[1]
-        acc = self.g_alpha.new_zeros(b * g, n_i, n_i)
-        for lo in range(0, self.plan.num_pairs, chunk):
-            hi = min(lo + chunk, self.plan.num_pairs)
-            blk = self._pair_blocks(lo, hi)
-            acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), torch.einsum("kcs,kct->kst", blk, blk))
-        return acc.reshape(b, g, n_i, n_i)
+        m = self.feature_moments(chunk)
+        fm = torch.einsum("nfs,nfg->nsg", self.feat_jac, m)
+        blocks = torch.einsum("nsg,ngt->nst", fm, self.feat_jac)
+        return blocks.reshape(b, v, g, n_i, n_i).sum(1)
 
-    def diagonal(self, chunk: int = 1 << 18, blocks: Tensor | None = None) -> Tensor:
+    def diagonal(self, chunk: int = 1 << 17, blocks: Tensor | None = None) -> Tensor:
         """Exact ``diag(J^T W J)`` as ``[b, n]``.
 
         ``blocks``: the output of :meth:`block_diagonal`, when already at hand; the Gaussian
@@ -258,11 +268,9 @@ class SparseJacobian:
         if blocks is not None:
             acc = torch.diagonal(blocks, dim1=-2, dim2=-1).reshape(b * g, n_i)
         else:
-            acc = self.g_alpha.new_zeros(b * g, n_i)
-            for lo in range(0, self.plan.num_pairs, chunk):
-                hi = min(lo + chunk, self.plan.num_pairs)
-                blk = self._pair_blocks(lo, hi)
-                acc = acc.index_add(0, self._gaussian_of_pair(lo, hi), (blk * blk).sum(1))
+            m = self.feature_moments(chunk)
+            acc = torch.einsum("nfs,nfg,ngs->ns", self.feat_jac, m, self.feat_jac)
+            acc = acc.reshape(b, v, g, n_i).sum(1).reshape(b * g, n_i)
         start = self.layout.slices["pose"].start
         out = torch.zeros(b, start, dtype=acc.dtype, device=acc.device)
         out = out.index_copy(1, self.slots.reshape(-1), acc.reshape(b, -1))
