@@ -227,14 +227,16 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
                            check_every=max(1, min(5, pcg_iters // 4)))
         if create_graph:
             # The step as a differentiable function of theta: delta = A(theta)^-1 (-g(theta)).
-            # Its derivative comes from an adjoint solve with the same A (see _LinearSolve), so
-            # the graph holds one linearization per step instead of every PCG iteration. The
-            # adjoint tolerance is what the dtype can reach (float32 PCG stalls near 1e-6).
+            # Its value is the PCG step actually taken (so the trajectory is the implicit run's),
+            # its derivative that of the exact solve, -A^-1 (dg + dA delta), from one adjoint
+            # solve with the same A (see _SolveDerivative): the graph holds one linearization per
+            # step instead of every PCG iteration. The adjoint tolerance is what the dtype can
+            # reach (float32 PCG stalls near 1e-6).
             def solve(rhs, a_mv=a_mv, pre=pre):
                 return pcg(a_mv, rhs, precond=pre, tol=adjoint_tol, maxiter=max(10 * pcg_iters, 500))[0]
 
             resid = -g - (sj.gauss_newton(delta) + (lam + scale) * delta)
-            delta = delta + _LinearSolve.apply(resid, solve)
+            delta = delta + _SolveDerivative.apply(resid, solve)
         delta = delta * moving[:, None].to(delta)
         cand = theta + delta
         sj_new, e_new, g_new = linearize(cand)
@@ -257,14 +259,18 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
     return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks)
 
 
-class _LinearSolve(torch.autograd.Function):
-    """``x = A^-1 r`` for a symmetric ``A`` given as a solver; the backward is ``A^-1 grad``."""
+class _SolveDerivative(torch.autograd.Function):
+    """Zero in value, ``A^-1 grad`` in the backward (``A`` symmetric, given as a solver).
+
+    Added to an approximate solution ``x`` of ``A x = b`` with ``r = b - A x`` (``x`` held
+    constant in ``r``), it leaves the value ``x`` and gives the derivative of the exact
+    solution ``A^-1 b``: ``A^-1 (db - dA x)``.
+    """
 
     @staticmethod
     def forward(ctx, r: Tensor, solve):  # type: ignore[override]
         ctx.solve = solve
-        with torch.no_grad():
-            return solve(r.detach())
+        return torch.zeros_like(r)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
