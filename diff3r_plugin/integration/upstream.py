@@ -207,10 +207,6 @@ def install_rasterizer_stub(name: str = "diff_gaussian_rasterization") -> types.
     return mod
 
 
-#: Compatibility shims installed by :func:`install_import_stubs` (not modules).
-_COMPAT_SHIMS = ("matplotlib.cm.get_cmap",)
-
-
 def _install_matplotlib_get_cmap() -> bool:
     """Re-add ``matplotlib.cm.get_cmap`` (removed in matplotlib 3.9).
 
