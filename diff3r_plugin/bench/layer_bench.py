@@ -21,6 +21,8 @@ import torch
 from ..config import Diff3RConfig
 from ..gaussians.layout import GROUPS, GaussianParams
 from ..layer import ContextViews, diff3r_layer
+from ..layer.objective import Objective
+from ..layer.probe import energy_line_probe, probe_summary
 from ..render import render_params
 from .scenes import make_cameras, make_scene
 from .timing import PeakMemory, low_mmap_env
@@ -45,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precond-probes", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-unroll", action="store_true", help="skip the unrolled reference")
+    p.add_argument("--probe", action="store_true",
+                   help="after the implicit run, probe the inner energy along -grad E at theta* "
+                        "(float64; reports jumps from pair-list and depth-order changes)")
     p.add_argument("--worker-timeout-s", type=float, default=0,
                    help="wall-clock cap per worker process in seconds (0: none)")
     p.add_argument("--memory-limit-gb", type=float, default=20.0,
@@ -98,7 +103,14 @@ def worker(args) -> dict:
         t2 = time.perf_counter()
     torch.save({"theta0": theta0.grad, "lam": lam.grad}, out_path)
     s = info.summary()
+    probe = None
+    if args.probe and backward == "implicit":
+        obj = Objective(views.detached(), layout, config.backend, config.robust, config.huber_delta)
+        obj.freeze_weights(theta0.detach())
+        probe = probe_summary(energy_line_probe(obj, theta_star.detach(), theta0.detach(), lam.detach()))
     return {
+        "stationarity_groups": s["stationarity_groups"], "grad_share_top1pct": s["grad_share_top1pct"],
+        "line_probe": probe,
         "peak_mb": mem.peak_mb, "forward_ms": (t1 - t0) * 1e3, "backward_ms": (t2 - t1) * 1e3,
         "steps": int(info.inner_steps.max()), "stationarity": s["stationarity"],
         "pcg_iters": s["pcg_iters"], "pcg_rel_residual": s["pcg_rel_residual"],
@@ -122,6 +134,8 @@ def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
     for key in ("gaussians", "size", "views", "inner_solver", "precond", "matvec", "hessian", "lam",
                 "pcg_tol", "pcg_maxiter", "precond_probes", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.probe:
+        cmd += ["--probe"]
     if args.stationarity_tol is not None:
         cmd += ["--stationarity-tol", str(args.stationarity_tol)]
     try:
@@ -169,7 +183,11 @@ def run(args: argparse.Namespace) -> dict:
                 "stationarity": None if ift is None else ift["stationarity"],
                 "ift_forward_ms": None if ift is None else round(ift["forward_ms"], 1),
                 "unroll_forward_ms": None if unr is None else round(unr["forward_ms"], 1),
+                "stationarity_groups": None if ift is None else ift["stationarity_groups"],
+                "grad_share_top1pct": None if ift is None else ift["grad_share_top1pct"],
             })
+            if args.probe:
+                runs[-1]["line_probe"] = None if ift is None else ift["line_probe"]
     return {"gaussians": args.gaussians, "size": args.size, "views": args.views,
             "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian, "lam": args.lam, "runs": runs,
             "notes": notes}

@@ -2,8 +2,12 @@
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 from torch import Tensor
+
+from ..gaussians.layout import GaussianLayout
 
 
 @dataclass
@@ -14,6 +18,13 @@ class Diff3RInfo:
     gradient is exact only at a stationary point, so read it next to the gradients.
     ``pcg_rel_residual`` is the *true* residual ``||g - H v|| / ||g||`` of the implicit solve
     (one extra matrix-vector product), not PCG's recursive estimate.
+
+    Where the remaining gradient sits: ``stationarity_groups[g]`` is the same ratio restricted
+    to the entries of group ``g`` (their squares sum to ``stationarity ** 2``), and
+    ``grad_share_top1pct`` the share of ``||grad E(theta_K)||^2`` held by the 1 % of Gaussians
+    with the largest gradients. A few Gaussians holding most of it (a share near 1) point to a
+    local obstacle, e.g. Gaussians pressed against a depth-order swap, rather than to an inner
+    solve that is short of steps everywhere.
     """
 
     inner_solver: str
@@ -35,6 +46,8 @@ class Diff3RInfo:
     backward_ms: float | None = None
     num_matvecs: int = 0
     messages: list[str] = field(default_factory=list)
+    stationarity_groups: dict[str, Tensor] | None = None
+    grad_share_top1pct: Tensor | None = None
 
     def summary(self) -> dict:
         """Plain-Python scalars (means over the batch) for logging."""
@@ -54,7 +67,34 @@ class Diff3RInfo:
             "pcg_rel_residual": None if self.pcg_rel_residual is None else float(self.pcg_rel_residual.max()),
             "pcg_converged": None if self.pcg_converged is None else bool(self.pcg_converged.all()),
             "backward_ms": self.backward_ms, "messages": list(self.messages),
+            "stationarity_groups": None if self.stationarity_groups is None else {
+                g: mean(t) for g, t in self.stationarity_groups.items()},
+            "grad_share_top1pct": mean(self.grad_share_top1pct),
         }
+
+
+def gradient_breakdown(grad: Tensor, grad_norm0: Tensor,
+                       layout: GaussianLayout) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-group stationarity ``||grad_g|| / ||grad E(theta_0)||`` (``[b]`` per group) and the
+    share of ``||grad||^2`` held by the ``ceil(1 %)`` of Gaussians with the largest gradients
+    (``[b]``; 0 where the gradient is zero)."""
+    grad = grad.detach()
+    b = grad.shape[0]
+    denom = grad_norm0.detach().clamp_min(torch.finfo(grad.dtype).tiny)
+    groups = {}
+    per_gaussian = grad.new_zeros(b, layout.num_gaussians)
+    for g, s in layout.slices.items():
+        part = grad[:, s]
+        groups[g] = torch.where(grad_norm0 > 0, part.norm(dim=1) / denom, torch.zeros_like(denom))
+        if g != "pose" and layout.num_gaussians > 0:
+            per_gaussian = per_gaussian + (part.reshape(b, layout.num_gaussians, -1) ** 2).sum(-1)
+    total = (grad * grad).sum(1)
+    if layout.num_gaussians == 0:
+        return groups, torch.zeros_like(total)
+    k = max(1, math.ceil(0.01 * layout.num_gaussians))
+    top = per_gaussian.topk(k, dim=1).values.sum(1)
+    share = torch.where(total > 0, top / total.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(total))
+    return groups, share
 
 
 def scene_extent(theta_means: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ class InnerResult:
     energy0: Tensor
     energy: Tensor
     nan_rollbacks: Tensor
+    grad: Tensor | None = None  # [b, n] detached gradient of E at ``theta`` (where the solve ended)
 
 
 def _energy_and_grad(obj: Objective, theta: Tensor, theta0: Tensor, lam: Tensor, sqrt_w,
@@ -97,7 +98,7 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
         e = torch.where(ok, e_new, e)
         taken = taken + moving.long()
         gn = g.detach().norm(dim=1)
-    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks)
+    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
 
 
 def lm_solve(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping: float = 1e-3,
@@ -168,7 +169,7 @@ def lm_solve(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping
         moving = moving & ok & (mu < 1e8)
         taken = taken + (moving | accept).long()
         gn = g.detach().norm(dim=1)
-    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks)
+    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
 
 
 def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping: float, tol: float,
@@ -256,7 +257,7 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
             sj = linearize(theta)[0]
     if not create_graph:
         theta = theta.detach()
-    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks)
+    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
 
 
 class _SolveDerivative(torch.autograd.Function):

@@ -31,7 +31,7 @@ from ..config import Diff3RConfig
 from ..errors import (InvalidLambdaError, LayoutMismatchError, NonFiniteError, PCGNotConvergedError,
                       SolverDivergedError)
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
-from .diagnostics import Diff3RInfo, scene_extent
+from .diagnostics import Diff3RInfo, gradient_breakdown, scene_extent
 from .inner import adam_solve, lm_solve
 from .matvec import make_matvec
 from .objective import Objective
@@ -213,6 +213,9 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
         info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
                           used_precond, res.steps, stat.detach(), res.energy0, res.energy,
                           res.nan_rollbacks)
+        if res.grad is not None:
+            info.stationarity_groups, info.grad_share_top1pct = gradient_breakdown(
+                res.grad, res.grad_norm0, layout)
         if bool((res.nan_rollbacks > 0).any()):
             _report(config.on_failure,
                     f"the inner optimization produced NaN/Inf in {int((res.nan_rollbacks > 0).sum())} "

@@ -1,0 +1,36 @@
+"""``diff3r bench layer`` on a tiny scene: the JSON fields the layer is checked by, with real values."""
+
+import json
+import math
+import subprocess
+import sys
+
+REQUIRED_RUN_FIELDS = ("steps", "inner_solver", "ift_peak_mb", "unroll_peak_mb", "ift_backward_ms",
+                       "unroll_backward_ms", "grad_cosine_theta0", "grad_cosine_lambda", "pcg_iters",
+                       "pcg_rel_residual", "stationarity")
+
+
+def test_bench_layer_json_fields_and_probe():
+    cmd = [sys.executable, "-m", "diff3r_plugin.cli", "bench", "layer", "--json", "--gaussians", "16",
+           "--size", "8", "--views", "2", "--inner-solver", "lm", "--steps", "2", "--probe",
+           "--memory-limit-gb", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    for key in ("gaussians", "size", "views", "precond", "runs"):
+        assert key in result
+    assert (result["gaussians"], result["size"], result["views"]) == (16, 8, 2)
+    (run,) = result["runs"]
+    for key in REQUIRED_RUN_FIELDS:
+        assert run[key] is not None, key
+    assert run["inner_solver"] == "lm" and 1 <= run["steps"] <= 2
+    assert run["ift_peak_mb"] > 0 and run["unroll_peak_mb"] > 0
+    assert -1.0 <= run["grad_cosine_theta0"] <= 1.0 and -1.0 <= run["grad_cosine_lambda"] <= 1.0
+    assert 0 < run["stationarity"] < 1
+    groups = run["stationarity_groups"]
+    assert math.isclose(math.sqrt(sum(v * v for v in groups.values())), run["stationarity"], rel_tol=1e-4)
+    assert 0 < run["grad_share_top1pct"] <= 1
+    probe = run["line_probe"]
+    assert [p["step"] for p in probe] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    assert abs(probe[0]["ratio"] - 1.0) < 1e-2  # smooth at the smallest step on this scene
+    assert all(p["pairs_changed"] >= 0 and p["order_changed_pixels"] >= 0 for p in probe)
