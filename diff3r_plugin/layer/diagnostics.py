@@ -48,6 +48,8 @@ class Diff3RInfo:
     messages: list[str] = field(default_factory=list)
     stationarity_groups: dict[str, Tensor] | None = None
     grad_share_top1pct: Tensor | None = None
+    implicit_solution: Tensor | None = None  # v of H v = dL/dtheta* (a warm start for a later call)
+    warm_started: bool = False
 
     def summary(self) -> dict:
         """Plain-Python scalars (means over the batch) for logging."""
@@ -70,6 +72,7 @@ class Diff3RInfo:
             "stationarity_groups": None if self.stationarity_groups is None else {
                 g: mean(t) for g, t in self.stationarity_groups.items()},
             "grad_share_top1pct": mean(self.grad_share_top1pct),
+            "warm_started": self.warm_started,
         }
 
 

@@ -85,7 +85,7 @@ class _Implicit(torch.autograd.Function):
         theta0, lam, theta_star = ctx.saved_tensors
         state = ctx.state
         v = implicit_solve(state["objective"], state["config"], state["info"], theta_star, theta0,
-                           lam, grad_out)
+                           lam, grad_out, x0=state.get("warm_start"))
         grad_theta0 = lam * v if ctx.needs_input_grad[0] else None
         grad_lam = -(theta_star - theta0) * v if ctx.needs_input_grad[1] else None
         return grad_theta0, grad_lam, None, None
@@ -107,8 +107,8 @@ def effective_precond(config: Diff3RConfig, backend: str) -> str:
 
 
 def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta_star: Tensor,
-                   theta0: Tensor, lam: Tensor, grad: Tensor) -> Tensor:
-    """Solve ``H v = grad`` per scene and record the solve in ``info``."""
+                   theta0: Tensor, lam: Tensor, grad: Tensor, x0: Tensor | None = None) -> Tensor:
+    """Solve ``H v = grad`` per scene (from ``x0`` if given) and record the solve in ``info``."""
     t0 = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         grad = grad.detach()
@@ -120,7 +120,7 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
         elif config.precond != "none":
             gen = torch.Generator(device="cpu").manual_seed(0)
             precond = mv.jtj_diag(config.precond_probes, gen) + lam.detach()
-        v, res = pcg(mv, grad, precond=precond, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
+        v, res = pcg(mv, grad, precond=precond, x0=x0, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
                      check_every=config.pcg_check_every)
         # True residual of the returned solution (PCG's recursion can drift from it).
         idx = torch.arange(grad.shape[0], device=grad.device)
@@ -128,6 +128,7 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
         true_rel = (grad - mv(v, idx)).norm(dim=1) / gnorm.clamp_min(torch.finfo(grad.dtype).tiny)
         true_rel = torch.where(gnorm > 0, true_rel, torch.zeros_like(true_rel))
     info.pcg_iters = res.iterations
+    info.warm_started = x0 is not None
     info.pcg_rel_residual = true_rel.detach()
     info.pcg_converged = (true_rel <= max(config.pcg_tol * 1.5, config.pcg_tol + 1e-6)) & torch.isfinite(true_rel)
     info.pcg_indefinite = res.indefinite
@@ -146,13 +147,20 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
                 f"(worst relative residual {worst:.2e} > tol {config.pcg_tol:.1e} after "
                 f"{int(res.iterations.max())} iterations); the implicit gradient is approximate",
                 info, PCGNotConvergedError)
+    info.implicit_solution = v.detach()
     info.backward_ms = (time.perf_counter() - t0) * 1e3
     return v
 
 
 def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: GaussianLayout,
-                 config: Diff3RConfig | None = None, *, backend: str | None = None) -> tuple[Tensor, Diff3RInfo]:
-    """Functional form of :class:`Diff3RLayer` on flat ``[b, n]`` parameter vectors."""
+                 config: Diff3RConfig | None = None, *, backend: str | None = None,
+                 warm_start: Tensor | None = None) -> tuple[Tensor, Diff3RInfo]:
+    """Functional form of :class:`Diff3RLayer` on flat ``[b, n]`` parameter vectors.
+
+    ``warm_start`` (``[b, n]``, optional) is the initial guess of the implicit backward's PCG,
+    typically ``info.implicit_solution`` of an earlier call on the same scenes with a similar
+    outer loss (per-scene fine-tuning, repeated evaluation); the unrolled backward ignores it.
+    """
     config = config or Diff3RConfig()
     if views is None:
         raise LayoutMismatchError("views are missing: the layer needs the context images and cameras")
@@ -169,6 +177,14 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     if not bool(torch.isfinite(theta0).all()):
         raise NonFiniteError(f"theta0 contains {int((~torch.isfinite(theta0)).sum())} NaN/Inf value(s)")
     check_lambda(lam.detach(), layout)
+    if warm_start is not None:
+        layout.check_vector(warm_start, "warm_start")
+        if warm_start.shape != theta0.shape:
+            raise LayoutMismatchError(
+                f"warm_start {tuple(warm_start.shape)} and theta0 {tuple(theta0.shape)} differ")
+        if not bool(torch.isfinite(warm_start).all()):
+            raise NonFiniteError(
+                f"warm_start contains {int((~torch.isfinite(warm_start)).sum())} NaN/Inf value(s)")
 
     inference = torch.is_inference_mode_enabled()
     wants_grad = (not inference) and torch.is_grad_enabled() and (theta0.requires_grad or lam.requires_grad)
@@ -230,7 +246,8 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
         return (theta0.clone() if wants_grad else theta0.detach().clone()), info
     theta_star = theta_star.detach()
     if wants_grad:
-        state = {"objective": obj, "config": config, "info": info}
+        state = {"objective": obj, "config": config, "info": info,
+                 "warm_start": None if warm_start is None else warm_start.detach().to(theta0.dtype).clone()}
         theta_star = _Implicit.apply(theta0, lam, theta_star, state)
     return theta_star, info
 
@@ -254,13 +271,16 @@ class Diff3RLayer(nn.Module):
             config = config.merge(overrides)
         self.config = config
 
-    def forward(self, theta0, lam, views: ContextViews, layout: GaussianLayout | None = None):
+    def forward(self, theta0, lam, views: ContextViews, layout: GaussianLayout | None = None,
+                warm_start: Tensor | None = None):
+        """``warm_start``: optional flat ``[b, n]`` initial guess of the implicit backward's PCG
+        (e.g. ``info.implicit_solution`` of an earlier call on the same scenes)."""
         if isinstance(theta0, GaussianParams):
             layout = theta0.layout
             flat0 = theta0.flatten()
             flat_lam = lam.flatten() if isinstance(lam, GaussianParams) else lam
-            flat, info = diff3r_layer(flat0, flat_lam, views, layout, self.config)
+            flat, info = diff3r_layer(flat0, flat_lam, views, layout, self.config, warm_start=warm_start)
             return GaussianParams.unflatten(flat, layout), info
         if layout is None:
             raise LayoutMismatchError("pass the GaussianLayout with flat parameter vectors")
-        return diff3r_layer(theta0, lam, views, layout, self.config)
+        return diff3r_layer(theta0, lam, views, layout, self.config, warm_start=warm_start)

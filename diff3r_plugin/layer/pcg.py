@@ -49,7 +49,8 @@ def pcg(
         precond: ``[b, n]`` positive diagonal ``M`` (Jacobi): ``z = r / M``; or a callable
             ``precond(r, idx)`` applying ``M^-1`` (symmetric positive definite) to the rows of
             the scenes ``idx``; None for plain CG.
-        x0: Warm start ``[b, n]`` (in the original, unnormalized scale).
+        x0: Warm start ``[b, n]`` (in the original, unnormalized scale); ignored for scenes
+            whose right-hand side is zero (their solution is zero).
         tol: Relative residual tolerance.
         maxiter: Iteration cap per scene.
         check_every: Iterations between convergence checks (host synchronisations).
@@ -60,7 +61,7 @@ def pcg(
     zero_rhs = (scale[:, 0] == 0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     bhat = rhs / scale
-    x = torch.zeros_like(rhs) if x0 is None else x0 / scale
+    x = torch.zeros_like(rhs) if x0 is None else torch.where(zero_rhs[:, None], 0.0, x0 / scale)
     all_idx = torch.arange(b, device=device)
     r = bhat - matvec(x, all_idx) if x0 is not None else bhat.clone()
     if callable(precond):

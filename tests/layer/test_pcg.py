@@ -162,6 +162,17 @@ def test_warm_start_at_solution_takes_zero_iterations():
     torch.testing.assert_close(x2, x_ref, rtol=1e-8, atol=1e-8 * float(x_ref.abs().max()))
 
 
+def test_warm_start_for_a_zero_rhs_returns_zero():
+    gen = torch.Generator().manual_seed(5)
+    a = torch.stack([spd(10, 20.0, gen), spd(10, 20.0, gen)])
+    rhs = torch.randn(2, 10, generator=gen, dtype=F64)
+    rhs[1] = 0.0
+    x0 = torch.randn(2, 10, generator=gen, dtype=F64)
+    x, res = pcg(DenseMatVec(a), rhs, x0=x0, tol=1e-10, maxiter=200)
+    assert torch.equal(x[1], torch.zeros(10, dtype=F64)) and int(res.iterations[1]) == 0
+    torch.testing.assert_close(x[0], torch.linalg.solve(a[0], rhs[0]), rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e-18])
 def test_tiny_rhs_float32_is_normalized(scale):
     """Cotangents of 1e-12 (or smaller) in float32: the solve is scale-invariant."""
