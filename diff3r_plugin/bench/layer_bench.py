@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="store_true",
                    help="after the implicit run, probe the inner energy along -grad E at theta* "
                         "(float64; reports jumps from pair-list and depth-order changes)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also write a figure: cosines, peak memory, stationarity per group and the "
+                        "line probe, per K")
     p.add_argument("--worker-timeout-s", type=float, default=0,
                    help="wall-clock cap per worker process in seconds (0: none)")
     p.add_argument("--memory-limit-gb", type=float, default=20.0,
@@ -188,9 +191,87 @@ def run(args: argparse.Namespace) -> dict:
             })
             if args.probe:
                 runs[-1]["line_probe"] = None if ift is None else ift["line_probe"]
-    return {"gaussians": args.gaussians, "size": args.size, "views": args.views,
-            "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian, "lam": args.lam, "runs": runs,
-            "notes": notes}
+    result = {"gaussians": args.gaussians, "size": args.size, "views": args.views,
+              "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian, "lam": args.lam,
+              "runs": runs, "notes": notes}
+    if args.plot:
+        plot(result, args.plot)
+        result["plot"] = args.plot
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    """One PNG: implicit-vs-unrolled cosines, peak memory, stationarity per group and the line
+    probe of each K (missing values are left out)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    ks = [r["steps_requested"] for r in runs]
+    x = list(range(len(runs)))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    ax = axes[0]
+    for off, key, label in ((-0.2, "grad_cosine_theta0", "cos θ0"), (0.2, "grad_cosine_lambda", "cos Λ")):
+        vals = [r[key] for r in runs]
+        ax.bar([i + off for i, v in zip(x, vals) if v is not None], [v for v in vals if v is not None],
+               width=0.4, label=label)
+    ax.axhline(0.99, color="k", ls="--", lw=0.8, label="0.99")
+    ax.set_xticks(x, [f"K={k}" for k in ks])
+    ax.set_ylim(min(0.0, *[r[k] for r in runs for k in ("grad_cosine_theta0", "grad_cosine_lambda")
+                           if r[k] is not None], 0.0), 1.05)
+    ax.set_title("implicit vs unrolled gradient")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    for key, label in (("ift_peak_mb", "implicit"), ("unroll_peak_mb", "unrolled")):
+        pts = [(k, r[key]) for k, r in zip(ks, runs) if r[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (inner steps)")
+    ax.set_ylabel("extra peak memory (MB)")
+    ax.set_title("backward memory")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    groups = [g for g in GROUPS if any(r.get("stationarity_groups") and r["stationarity_groups"].get(g)
+                                       for r in runs)]
+    width = 0.8 / max(len(runs), 1)
+    for j, r in enumerate(runs):
+        sg = r.get("stationarity_groups") or {}
+        vals = [max(sg.get(g) or 0.0, 1e-12) for g in groups]
+        ax.bar([i + (j - (len(runs) - 1) / 2) * width for i in range(len(groups))], vals, width=width,
+               label=f"K={r['steps_requested']} (top 1 %: {r.get('grad_share_top1pct') or 0:.2f})")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title("stationarity per group  ‖∇_g E(θ_K)‖ / ‖∇E(θ0)‖")
+    ax.legend(fontsize=7)
+
+    ax = axes[3]
+    probed = [r for r in runs if r.get("line_probe")]
+    for r in probed:
+        steps = [p["step"] for p in r["line_probe"]]
+        ratios = [p["ratio"] for p in r["line_probe"]]
+        ax.plot(steps, ratios, "o-", label=f"K={r['steps_requested']}")
+        for p in r["line_probe"]:
+            if p.get("order_changed_pixels") or p.get("pairs_changed"):
+                ax.annotate(f"{p.get('order_changed_pixels', 0)} px reordered\n{p.get('pairs_changed', 0)} pairs",
+                            (p["step"], p["ratio"]), fontsize=6, textcoords="offset points", xytext=(4, -16))
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("step along -∇E at θ_K")
+    ax.set_ylabel("decrease / first-order decrease")
+    ax.set_title("line probe (1 = smooth)" if probed else "line probe (run with --probe)")
+    if probed:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"diff3r bench layer: {result['gaussians']} Gaussians, {result['size']}², "
+                 f"{result['views']} views, {runs[0]['inner_solver'] if runs else ''}, precond {result['precond']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ REQUIRED_RUN_FIELDS = ("steps", "inner_solver", "ift_peak_mb", "unroll_peak_mb",
                        "pcg_rel_residual", "stationarity")
 
 
-def test_bench_layer_json_fields_and_probe():
+def test_bench_layer_json_fields_and_probe(tmp_path):
     cmd = [sys.executable, "-m", "diff3r_plugin.cli", "bench", "layer", "--json", "--gaussians", "16",
            "--size", "8", "--views", "2", "--inner-solver", "lm", "--steps", "2", "--probe",
-           "--memory-limit-gb", "0"]
+           "--memory-limit-gb", "0", "--plot", str(tmp_path / "layer.png")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
@@ -34,3 +34,5 @@ def test_bench_layer_json_fields_and_probe():
     assert [p["step"] for p in probe] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
     assert abs(probe[0]["ratio"] - 1.0) < 1e-2  # smooth at the smallest step on this scene
     assert all(p["pairs_changed"] >= 0 and p["order_changed_pixels"] >= 0 for p in probe)
+    png = (tmp_path / "layer.png").read_bytes()
+    assert result["plot"] == str(tmp_path / "layer.png") and png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
