@@ -21,6 +21,7 @@ import torch
 from ..config import Diff3RConfig
 from ..gaussians.layout import GROUPS, GaussianParams
 from ..layer import ContextViews, diff3r_layer
+from ..layer.diagnostics import gaussian_entry_mask, top_gaussians
 from ..layer.objective import Objective
 from ..layer.probe import energy_line_probe, probe_summary
 from ..render import render_params
@@ -104,7 +105,10 @@ def worker(args) -> dict:
         loss = ((pred - target) ** 2).sum()
         loss.backward()
         t2 = time.perf_counter()
-    torch.save({"theta0": theta0.grad, "lam": lam.grad}, out_path)
+    saved = {"theta0": theta0.grad, "lam": lam.grad}
+    if backward == "implicit" and info.final_grad is not None:
+        saved["stuck"] = gaussian_entry_mask(top_gaussians(info.final_grad, layout), layout)
+    torch.save(saved, out_path)
     s = info.summary()
     probe = None
     if args.probe and backward == "implicit":
@@ -164,13 +168,19 @@ def run(args: argparse.Namespace) -> dict:
             if unr is None and not args.no_unroll:
                 notes.append(f"unroll K={k} did not finish (see stderr: over the "
                              f"{args.memory_limit_gb:g} GB memory cap or the time cap)")
-            cos_t = cos_l = None
+            cos_t = cos_l = cos_t_rest = cos_l_rest = None
             if ift is not None and unr is not None:
                 gi = torch.load(os.path.join(tmp, f"ift{k}.pt"))
                 gu = torch.load(os.path.join(tmp, f"unr{k}.pt"))
                 cos = torch.nn.functional.cosine_similarity
                 cos_t = float(cos(gi["theta0"].flatten(), gu["theta0"].flatten(), dim=0))
                 cos_l = float(cos(gi["lam"].flatten(), gu["lam"].flatten(), dim=0))
+                if "stuck" in gi:
+                    # The same cosines without the 1 % of Gaussians that hold most of the
+                    # remaining inner gradient (where the implicit gradient's assumption fails).
+                    rest = ~gi["stuck"]
+                    cos_t_rest = float(cos(gi["theta0"][rest], gu["theta0"][rest], dim=0))
+                    cos_l_rest = float(cos(gi["lam"][rest], gu["lam"][rest], dim=0))
             runs.append({
                 "steps": None if ift is None else ift["steps"],
                 "steps_requested": k,
@@ -186,6 +196,8 @@ def run(args: argparse.Namespace) -> dict:
                 "stationarity": None if ift is None else ift["stationarity"],
                 "ift_forward_ms": None if ift is None else round(ift["forward_ms"], 1),
                 "unroll_forward_ms": None if unr is None else round(unr["forward_ms"], 1),
+                "grad_cosine_theta0_outside_top1pct": cos_t_rest,
+                "grad_cosine_lambda_outside_top1pct": cos_l_rest,
                 "stationarity_groups": None if ift is None else ift["stationarity_groups"],
                 "grad_share_top1pct": None if ift is None else ift["grad_share_top1pct"],
             })

@@ -49,6 +49,7 @@ class Diff3RInfo:
     stationarity_groups: dict[str, Tensor] | None = None
     grad_share_top1pct: Tensor | None = None
     implicit_solution: Tensor | None = None  # v of H v = dL/dtheta* (a warm start for a later call)
+    final_grad: Tensor | None = None  # grad E(theta_K) [b, n], detached: where the solve stopped
     warm_started: bool = False
 
     def summary(self) -> dict:
@@ -74,6 +75,33 @@ class Diff3RInfo:
             "grad_share_top1pct": mean(self.grad_share_top1pct),
             "warm_started": self.warm_started,
         }
+
+
+def top_gaussians(grad: Tensor, layout: GaussianLayout, fraction: float = 0.01) -> Tensor:
+    """Indices ``[b, k]`` of the ``ceil(fraction * G)`` Gaussians with the largest gradient norm
+    (over all their attributes)."""
+    b = grad.shape[0]
+    per_gaussian = grad.new_zeros(b, layout.num_gaussians)
+    for g, s in layout.slices.items():
+        if g != "pose" and layout.num_gaussians > 0:
+            per_gaussian = per_gaussian + (grad[:, s].reshape(b, layout.num_gaussians, -1) ** 2).sum(-1)
+    k = min(layout.num_gaussians, max(1, math.ceil(fraction * layout.num_gaussians)))
+    return per_gaussian.topk(k, dim=1).indices
+
+
+def gaussian_entry_mask(indices: Tensor, layout: GaussianLayout) -> Tensor:
+    """``[b, n]`` bool mask of every parameter entry of the Gaussians ``indices`` ``[b, k]``."""
+    b = indices.shape[0]
+    sel = torch.zeros(b, layout.num_gaussians, dtype=torch.bool, device=indices.device)
+    sel.scatter_(1, indices, True)
+    parts = []
+    for g in layout.slices:
+        if g == "pose":
+            parts.append(torch.zeros(b, layout.group_numel(g), dtype=torch.bool, device=indices.device))
+        else:
+            per = layout.group_numel(g) // max(layout.num_gaussians, 1)
+            parts.append(sel[:, :, None].expand(b, layout.num_gaussians, per).reshape(b, -1))
+    return torch.cat(parts, 1)
 
 
 def gradient_breakdown(grad: Tensor, grad_norm0: Tensor,

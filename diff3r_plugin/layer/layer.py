@@ -230,6 +230,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
                           used_precond, res.steps, stat.detach(), res.energy0, res.energy,
                           res.nan_rollbacks)
         if res.grad is not None:
+            info.final_grad = res.grad
             info.stationarity_groups, info.grad_share_top1pct = gradient_breakdown(
                 res.grad, res.grad_norm0, layout)
         if bool((res.nan_rollbacks > 0).any()):

@@ -27,6 +27,8 @@ def test_bench_layer_json_fields_and_probe(tmp_path):
     assert run["ift_peak_mb"] > 0 and run["unroll_peak_mb"] > 0
     assert -1.0 <= run["grad_cosine_theta0"] <= 1.0 and -1.0 <= run["grad_cosine_lambda"] <= 1.0
     assert 0 < run["stationarity"] < 1
+    for key in ("grad_cosine_theta0_outside_top1pct", "grad_cosine_lambda_outside_top1pct"):
+        assert -1.0 <= run[key] <= 1.0, key
     groups = run["stationarity_groups"]
     assert math.isclose(math.sqrt(sum(v * v for v in groups.values())), run["stationarity"], rel_tol=1e-4)
     assert 0 < run["grad_share_top1pct"] <= 1

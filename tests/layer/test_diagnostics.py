@@ -8,7 +8,7 @@ from diff3r_plugin.bench.scenes import make_cameras, make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 from diff3r_plugin.layer import ContextViews, Objective, diff3r_layer
-from diff3r_plugin.layer.diagnostics import gradient_breakdown
+from diff3r_plugin.layer.diagnostics import gaussian_entry_mask, gradient_breakdown, top_gaussians
 from diff3r_plugin.layer.probe import energy_line_probe, plan_changes, probe_summary
 from diff3r_plugin.render.api import render_params
 
@@ -61,6 +61,26 @@ def test_breakdown_groups_add_up_and_share_is_exact():
     assert float(share_zero) == 0.0
 
 
+def test_top_gaussians_and_their_entries():
+    layout = GaussianLayout(150, sh_degree=1, num_pose_views=1)
+    grad = torch.zeros(2, layout.numel, dtype=F64)
+    s = layout.slices
+    grad[0, s["quats"].start + 4 * 17 + 2] = 5.0
+    grad[0, s["means"].start + 3 * 99] = 1.0
+    grad[0, s["pose"]] = 100.0  # not a Gaussian: never selected
+    grad[1, s["sh_rest"].start + 9 * 3] = 1.0  # Gaussian 3 (3 colours x 3 coefficients each)
+    idx = top_gaussians(grad, layout)  # ceil(1.5) = 2 Gaussians
+    assert idx.shape == (2, 2)
+    assert idx[0].tolist() == [17, 99] and int(idx[1, 0]) == 3
+    mask = gaussian_entry_mask(idx, layout)
+    per_gaussian = 3 + 3 + 4 + 1 + 3 + 9
+    assert mask.shape == grad.shape and int(mask[0].sum()) == 2 * per_gaussian
+    assert bool(mask[0, s["quats"].start + 4 * 17 + 2]) and bool(mask[0, s["means"].start + 3 * 99])
+    assert not bool(mask[:, s["pose"]].any())
+    split = layout.split(mask[:1].double())
+    assert float(split["sh_rest"][0, 17].sum()) == 9 and float(split["sh_rest"][0, 16].sum()) == 0
+
+
 def test_layer_reports_where_the_gradient_sits():
     p = make_problem()
     views, layout, theta0, lam = p["views"], p["layout"], p["theta0"], p["lam"]
@@ -71,6 +91,7 @@ def test_layer_reports_where_the_gradient_sits():
         assert set(groups) == set(GROUPS)
         recombined = torch.sqrt(sum(v ** 2 for v in groups.values()))
         torch.testing.assert_close(recombined, info.stationarity, rtol=1e-9, atol=0)
+        assert info.final_grad.shape == theta0.shape and bool(torch.isfinite(info.final_grad).all())
         share = float(info.grad_share_top1pct[0])
         assert 0.0 < share <= 1.0
         summary = info.summary()
