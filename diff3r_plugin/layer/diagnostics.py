@@ -77,16 +77,24 @@ class Diff3RInfo:
         }
 
 
-def top_gaussians(grad: Tensor, layout: GaussianLayout, fraction: float = 0.01) -> Tensor:
-    """Indices ``[b, k]`` of the ``ceil(fraction * G)`` Gaussians with the largest gradient norm
-    (over all their attributes)."""
+def _per_gaussian_sq(grad: Tensor, layout: GaussianLayout) -> Tensor:
+    """``[b, G]``: squared gradient norm of each Gaussian over all its attributes."""
     b = grad.shape[0]
     per_gaussian = grad.new_zeros(b, layout.num_gaussians)
     for g, s in layout.slices.items():
         if g != "pose" and layout.num_gaussians > 0:
             per_gaussian = per_gaussian + (grad[:, s].reshape(b, layout.num_gaussians, -1) ** 2).sum(-1)
-    k = min(layout.num_gaussians, max(1, math.ceil(fraction * layout.num_gaussians)))
-    return per_gaussian.topk(k, dim=1).indices
+    return per_gaussian
+
+
+def _top_count(layout: GaussianLayout, fraction: float) -> int:
+    return min(layout.num_gaussians, max(1, math.ceil(fraction * layout.num_gaussians)))
+
+
+def top_gaussians(grad: Tensor, layout: GaussianLayout, fraction: float = 0.01) -> Tensor:
+    """Indices ``[b, k]`` of the ``ceil(fraction * G)`` Gaussians with the largest gradient norm
+    (over all their attributes)."""
+    return _per_gaussian_sq(grad, layout).topk(_top_count(layout, fraction), dim=1).indices
 
 
 def gaussian_entry_mask(indices: Tensor, layout: GaussianLayout) -> Tensor:
@@ -110,20 +118,13 @@ def gradient_breakdown(grad: Tensor, grad_norm0: Tensor,
     share of ``||grad||^2`` held by the ``ceil(1 %)`` of Gaussians with the largest gradients
     (``[b]``; 0 where the gradient is zero)."""
     grad = grad.detach()
-    b = grad.shape[0]
     denom = grad_norm0.detach().clamp_min(torch.finfo(grad.dtype).tiny)
-    groups = {}
-    per_gaussian = grad.new_zeros(b, layout.num_gaussians)
-    for g, s in layout.slices.items():
-        part = grad[:, s]
-        groups[g] = torch.where(grad_norm0 > 0, part.norm(dim=1) / denom, torch.zeros_like(denom))
-        if g != "pose" and layout.num_gaussians > 0:
-            per_gaussian = per_gaussian + (part.reshape(b, layout.num_gaussians, -1) ** 2).sum(-1)
+    groups = {g: torch.where(grad_norm0 > 0, grad[:, s].norm(dim=1) / denom, torch.zeros_like(denom))
+              for g, s in layout.slices.items()}
     total = (grad * grad).sum(1)
     if layout.num_gaussians == 0:
         return groups, torch.zeros_like(total)
-    k = max(1, math.ceil(0.01 * layout.num_gaussians))
-    top = per_gaussian.topk(k, dim=1).values.sum(1)
+    top = _per_gaussian_sq(grad, layout).topk(_top_count(layout, 0.01), dim=1).values.sum(1)
     share = torch.where(total > 0, top / total.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(total))
     return groups, share
 
