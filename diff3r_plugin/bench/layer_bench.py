@@ -112,8 +112,7 @@ def worker(args) -> dict:
     s = info.summary()
     probe = None
     if args.probe and backward == "implicit":
-        obj = Objective(views.detached(), layout, config.backend, config.robust, config.huber_delta)
-        obj.freeze_weights(theta0.detach())
+        obj = Objective.for_layer(views, layout, config, theta0)
         probe = probe_summary(energy_line_probe(obj, theta_star.detach(), theta0.detach(), lam.detach()))
     return {
         "stationarity_groups": s["stationarity_groups"], "grad_share_top1pct": s["grad_share_top1pct"],
@@ -230,8 +229,8 @@ def plot(result: dict, path: str) -> None:
                width=0.4, label=label)
     ax.axhline(0.99, color="k", ls="--", lw=0.8, label="0.99")
     ax.set_xticks(x, [f"K={k}" for k in ks])
-    ax.set_ylim(min(0.0, *[r[k] for r in runs for k in ("grad_cosine_theta0", "grad_cosine_lambda")
-                           if r[k] is not None], 0.0), 1.05)
+    ax.set_ylim(min([0.0] + [r[k] for r in runs for k in ("grad_cosine_theta0", "grad_cosine_lambda")
+                             if r[k] is not None]), 1.05)
     ax.set_title("implicit vs unrolled gradient")
     ax.legend(fontsize=8)
 

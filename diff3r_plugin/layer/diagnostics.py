@@ -1,8 +1,7 @@
 """What the layer reports about each solve."""
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor

@@ -191,9 +191,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     unroll = wants_grad and config.backward == "unroll"
     t_start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        v_clean = views.detached().to(theta0.dtype)
-        obj = Objective(v_clean, layout, backend or config.backend, config.robust, config.huber_delta)
-        obj.freeze_weights(theta0.detach())
+        obj = Objective.for_layer(views, layout, config, theta0, backend)
         if unroll:
             t0_in, lam_in = theta0, lam
         else:

@@ -30,6 +30,16 @@ class Objective:
     huber_delta: float = 0.1
     frozen_sqrt_w: Tensor | None = None
 
+    @classmethod
+    def for_layer(cls, views: ContextViews, layout: GaussianLayout, config, theta0: Tensor,
+                  backend: str | None = None) -> "Objective":
+        """The objective the layer solves for ``config`` (a :class:`Diff3RConfig`): detached
+        views in ``theta0``'s dtype, residual weights frozen at ``theta0``."""
+        obj = cls(views.detached().to(theta0.dtype), layout, backend or config.backend, config.robust,
+                  config.huber_delta)
+        obj.freeze_weights(theta0.detach())
+        return obj
+
     def freeze_weights(self, theta0: Tensor) -> None:
         """Fix the residual weights (Huber IRLS at ``theta0``) for the forward and the backward."""
         self.frozen_sqrt_w = None
