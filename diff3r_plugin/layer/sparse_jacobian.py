@@ -117,7 +117,7 @@ class SparseJacobian:
         dx = pg[:, 0] - plan.px
         dy = pg[:, 1] - plan.py
         ca, cb, cc = pg[:, 2], pg[:, 3], pg[:, 4]
-        gauss = torch.exp(_pair_power(pg, plan.px, plan.py))
+        gauss = torch.exp(_pair_power(pg[:, 0], pg[:, 1], ca, cb, cc, plan.px, plan.py))
         raw = pg[:, 5] * gauss
         alpha = torch.clamp_max(raw, ALPHA_MAX)
         free = (raw <= ALPHA_MAX).to(dtype)

@@ -24,6 +24,73 @@ from torch import Tensor
 from .common import ALPHA_MAX, ALPHA_MIN, T_MIN, Projection, RenderOutput
 
 
+class _Gather(torch.autograd.Function):
+    """``src.index_select(0, index)`` whose derivatives keep only ``index``.
+
+    Autograd's own ``index_select`` backward is an ``index_add`` that saves its per-pair source
+    for the next derivative order, so every Hessian-vector graph through the renderer (the
+    unrolled reference builds one per inner step) would hold the per-pair gradient of every
+    gathered attribute. Here gather and scatter are each other's derivative, to any order, and
+    the graph holds only the index.
+    """
+
+    @staticmethod
+    def forward(src: Tensor, index: Tensor, size: int) -> Tensor:  # type: ignore[override]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        src, index, size = inputs
+        ctx.save_for_backward(index)
+        ctx.save_for_forward(index)
+        ctx.size = size
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return _Scatter.apply(grad, index, ctx.size), None, None
+
+    @staticmethod
+    def jvp(ctx, src_t: Tensor, index_t, size_t) -> Tensor:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return src_t.index_select(0, index)
+
+
+class _Scatter(torch.autograd.Function):
+    """``zeros(size, ...).index_add(0, index, src)``; the adjoint of :class:`_Gather`."""
+
+    @staticmethod
+    def forward(src: Tensor, index: Tensor, size: int) -> Tensor:  # type: ignore[override]
+        return src.new_zeros((size,) + tuple(src.shape[1:])).index_add(0, index, src)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        src, index, size = inputs
+        ctx.save_for_backward(index)
+        ctx.save_for_forward(index)
+        ctx.size = size
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return _Gather.apply(grad, index, grad.shape[0]), None, None
+
+    @staticmethod
+    def jvp(ctx, src_t: Tensor, index_t, size_t) -> Tensor:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return src_t.new_zeros((ctx.size,) + tuple(src_t.shape[1:])).index_add(0, index, src_t)
+
+
+def gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """Rows ``src[index]`` (differentiable to any order, saving only ``index``)."""
+    return _Gather.apply(src, index, src.shape[0])
+
+
+def scatter_rows(src: Tensor, index: Tensor, size: int) -> Tensor:
+    """Sum of the rows of ``src`` into ``size`` rows at ``index`` (the adjoint of :func:`gather_rows`)."""
+    return _Scatter.apply(src, index, size)
+
+
 @dataclass
 class PairPlan:
     """Sorted (pixel, Gaussian) pairs; ``pixel`` indexes the flattened [b, v, h, w] image."""
@@ -40,11 +107,12 @@ class PairPlan:
         return int(self.gaussian.numel())
 
 
-def _pair_power(g: Tensor, px: Tensor, py: Tensor) -> Tensor:
-    """Exponent of the 2D Gaussian for gathered rows ``[mean_x, mean_y, conic_a, conic_b, conic_c, ...]``."""
-    dx = g[:, 0] - px
-    dy = g[:, 1] - py
-    return -0.5 * (g[:, 2] * dx * dx + g[:, 4] * dy * dy) - g[:, 3] * dx * dy
+def _pair_power(mx: Tensor, my: Tensor, ca: Tensor, cb: Tensor, cc: Tensor, px: Tensor,
+                py: Tensor) -> Tensor:
+    """Exponent of the 2D Gaussian (mean ``mx, my``, conic ``ca, cb, cc``) at pixels ``px, py``."""
+    dx = mx - px
+    dy = my - py
+    return -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
 
 
 def pair_transmittance(alpha: Tensor, seg_start: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +128,9 @@ def pair_transmittance(alpha: Tensor, seg_start: Tensor) -> tuple[Tensor, Tensor
     def segment_exclusive(lt: Tensor) -> Tensor:
         cs = torch.cumsum(lt, 0)
         excl = cs - lt
-        return torch.exp(excl - excl.index_select(0, seg_start)).to(alpha.dtype)
+        # The offsets are subtracted in float64; the exponent itself is small and fits alpha's
+        # dtype, so exp runs there (and autograd keeps its output in that dtype, not float64).
+        return torch.exp((excl - gather_rows(excl, seg_start)).to(alpha.dtype))
 
     with torch.no_grad():
         keep = (segment_exclusive(log_t) * (1 - alpha) >= T_MIN).to(alpha.dtype)
@@ -129,9 +199,9 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
             gi = ints.index_select(0, gid)
             px = gi[:, 1] + local % gi[:, 0]
             py = gi[:, 2] + torch.div(local, gi[:, 0], rounding_mode="floor")
-            pg = packed.index_select(0, gid)
-            power = _pair_power(pg, px.to(mean2d.dtype), py.to(mean2d.dtype))
-            alpha = torch.clamp_max(pg[:, 5] * torch.exp(power), ALPHA_MAX)
+            pg = packed.index_select(0, gid).unbind(1)
+            power = _pair_power(*pg[:5], px.to(mean2d.dtype), py.to(mean2d.dtype))
+            alpha = torch.clamp_max(pg[5] * torch.exp(power), ALPHA_MAX)
             ok = torch.nonzero((power <= 0) & (alpha >= ALPHA_MIN)).squeeze(1)
             pairs = torch.stack([gid, (gi[:, 3] * h + py) * w + px], 1)
             keep.append(pairs.index_select(0, ok))
@@ -163,15 +233,18 @@ def composite(
     # One gather of everything a pair needs: [mean(2), conic(3), opacity, color(3), depth].
     attrs = torch.cat([proj.mean2d, proj.conic, proj.opacity[:, None], proj.color,
                        proj.depth[:, None]], 1)
-    pg = attrs.index_select(0, plan.gaussian)
-    power = _pair_power(pg, plan.px, plan.py)
-    alpha = torch.clamp_max(pg[:, 5] * torch.exp(power), ALPHA_MAX)
+    # Split into columns with unbind: its backward stacks the column gradients once, where
+    # column indexing would give every column a full-size zero-filled gradient.
+    pg = gather_rows(attrs, plan.gaussian).unbind(1)
+    power = _pair_power(*pg[:5], plan.px, plan.py)
+    alpha = torch.clamp_max(pg[5] * torch.exp(power), ALPHA_MAX)
     trans, keep = pair_transmittance(alpha, plan.seg_start)
     weight = alpha * trans * keep
 
-    acc = torch.zeros(num_pix, 5, dtype=dtype, device=weight.device)
-    vals = weight[:, None] * torch.cat([pg[:, 6:10], torch.ones_like(weight)[:, None]], 1)
-    acc = acc.index_add(0, plan.pixel, vals)
+    # [w r, w g, w b, w z, w]; the products keep only weight and the gathered rows for the
+    # backward, no per-pair copy.
+    vals = torch.stack([weight * pg[6], weight * pg[7], weight * pg[8], weight * pg[9], weight], 1)
+    acc = scatter_rows(vals, plan.pixel, num_pix)
     acc = acc.reshape(b, v, h, w, 5)
     alpha_img = acc[..., 4]
     color = acc[..., :3].permute(0, 1, 4, 2, 3) + (1 - alpha_img)[:, :, None] * background[..., None, None]
