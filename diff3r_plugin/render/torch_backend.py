@@ -24,6 +24,10 @@ from torch import Tensor
 from .common import ALPHA_MAX, ALPHA_MIN, T_MIN, Projection, RenderOutput
 
 
+# Pixel indices and box offsets use int32 below this bound (all images in practice), int64 above.
+_INT32_LIMIT = 2**31
+
+
 class _Gather(torch.autograd.Function):
     """``src.index_select(0, index)`` whose derivatives keep only ``index``.
 
@@ -181,9 +185,13 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
             fz = mean2d.new_zeros(0)
             return PairPlan(empty, empty, empty, fz, fz, proj.batch * proj.views * h * w)
 
-        keep = []
+        num_pixels = proj.batch * proj.views * h * w
+        # Box enumeration, pixel indices and the sort key in int32 where they fit: CPU gathers
+        # and sorts of int32 are several times faster than of int64 (Gaussian indices stay int64).
+        it = torch.int32 if max(num_pixels, chunk_pairs) < _INT32_LIMIT else torch.int64
+        keep_gid, keep_pix = [], []
         # One gather per pair for all integer box data: [columns, x0, y0, flat view index].
-        ints = torch.stack([nx.long(), x0.long(), y0.long(), view_of], 1)
+        ints = torch.stack([nx.to(it), x0.to(it), y0.to(it), view_of.to(it)], 1)
         cum = torch.cumsum(counts, 0)
         num = order.numel()
         lo = 0
@@ -194,8 +202,8 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
             hi = min(max(hi, lo + 1), num)
             c = counts[lo:hi]
             gid = torch.repeat_interleave(order[lo:hi], c)
-            local = torch.arange(gid.numel(), device=device) - torch.repeat_interleave(
-                torch.cumsum(c, 0) - c, c)
+            local = torch.arange(gid.numel(), device=device, dtype=it) - torch.repeat_interleave(
+                (torch.cumsum(c, 0) - c).to(it), c)
             gi = ints.index_select(0, gid)
             px = gi[:, 1] + local % gi[:, 0]
             py = gi[:, 2] + torch.div(local, gi[:, 0], rounding_mode="floor")
@@ -203,19 +211,19 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
             power = _pair_power(*pg[:5], px.to(mean2d.dtype), py.to(mean2d.dtype))
             alpha = torch.clamp_max(pg[5] * torch.exp(power), ALPHA_MAX)
             ok = torch.nonzero((power <= 0) & (alpha >= ALPHA_MIN)).squeeze(1)
-            pairs = torch.stack([gid, (gi[:, 3] * h + py) * w + px], 1)
-            keep.append(pairs.index_select(0, ok))
+            keep_gid.append(gid.index_select(0, ok))
+            keep_pix.append(((gi[:, 3] * h + py) * w + px).index_select(0, ok))
             lo = hi
-        pairs = torch.cat(keep)
-        pix, perm = torch.sort(pairs[:, 1], stable=True)
-        gid = pairs[:, 0].index_select(0, perm)
+        pix, perm = torch.sort(torch.cat(keep_pix), stable=True)
+        gid = torch.cat(keep_gid).index_select(0, perm)
         pxf = (pix % w).to(mean2d.dtype)
         pyf = (torch.div(pix, w, rounding_mode="floor") % h).to(mean2d.dtype)
         # Index of the first pair of each pixel's run (pix is sorted).
         _, run_len = torch.unique_consecutive(pix, return_counts=True)
         run_start = torch.cumsum(run_len, 0) - run_len
         seg_start = torch.repeat_interleave(run_start, run_len)
-    return PairPlan(gid, pix, seg_start, pxf, pyf, proj.batch * proj.views * h * w)
+        pix = pix.long()
+    return PairPlan(gid, pix, seg_start, pxf, pyf, num_pixels)
 
 
 def composite(

@@ -89,3 +89,23 @@ def test_hessian_vector_graph_holds_no_per_pair_gradient_copies():
     v = torch.randn_like(theta)
     hv = torch.autograd.grad(grad, theta, v)[0]
     assert torch.isfinite(hv).all() and hv.norm() > 0
+
+
+def test_plan_int32_and_int64_index_paths_agree(monkeypatch):
+    """Box enumeration and pixel sort run in int32 when the indices fit, else in int64: both
+    give the same plan (with and without chunking over Gaussians)."""
+    import diff3r_plugin.render.torch_backend as tb
+
+    scene = make_scene(600, 24, 2, seed=5, batch=2)
+    p = scene.params
+    proj = project(p.means, p.covariances(), p.harmonics, p.opacities(), scene.extrinsics,
+                   scene.intrinsics, scene.near, scene.image_shape, "e3nn")
+    for chunk in (1 << 24, 700):
+        a = build_plan(proj, scene.image_shape, chunk_pairs=chunk)
+        monkeypatch.setattr(tb, "_INT32_LIMIT", 0)
+        b = build_plan(proj, scene.image_shape, chunk_pairs=chunk)
+        monkeypatch.undo()
+        assert a.num_pairs > 1000
+        for name in ("gaussian", "pixel", "seg_start", "px", "py"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
