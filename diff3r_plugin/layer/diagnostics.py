@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..gaussians.layout import GaussianLayout
+from .sparse_jacobian import gaussian_slots
 
 
 @dataclass
@@ -78,12 +79,7 @@ class Diff3RInfo:
 
 def _per_gaussian_sq(grad: Tensor, layout: GaussianLayout) -> Tensor:
     """``[b, G]``: squared gradient norm of each Gaussian over all its attributes."""
-    b = grad.shape[0]
-    per_gaussian = grad.new_zeros(b, layout.num_gaussians)
-    for g, s in layout.slices.items():
-        if g != "pose" and layout.num_gaussians > 0:
-            per_gaussian = per_gaussian + (grad[:, s].reshape(b, layout.num_gaussians, -1) ** 2).sum(-1)
-    return per_gaussian
+    return (grad[:, gaussian_slots(layout, grad.device)] ** 2).sum(-1)
 
 
 def _top_count(layout: GaussianLayout, fraction: float) -> int:
@@ -99,16 +95,8 @@ def top_gaussians(grad: Tensor, layout: GaussianLayout, fraction: float = 0.01) 
 def gaussian_entry_mask(indices: Tensor, layout: GaussianLayout) -> Tensor:
     """``[b, n]`` bool mask of every parameter entry of the Gaussians ``indices`` ``[b, k]``."""
     b = indices.shape[0]
-    sel = torch.zeros(b, layout.num_gaussians, dtype=torch.bool, device=indices.device)
-    sel.scatter_(1, indices, True)
-    parts = []
-    for g in layout.slices:
-        if g == "pose":
-            parts.append(torch.zeros(b, layout.group_numel(g), dtype=torch.bool, device=indices.device))
-        else:
-            per = layout.group_numel(g) // max(layout.num_gaussians, 1)
-            parts.append(sel[:, :, None].expand(b, layout.num_gaussians, per).reshape(b, -1))
-    return torch.cat(parts, 1)
+    entries = gaussian_slots(layout, indices.device)[indices].reshape(b, -1)
+    return torch.zeros(b, layout.numel, dtype=torch.bool, device=indices.device).scatter_(1, entries, True)
 
 
 def gradient_breakdown(grad: Tensor, grad_norm0: Tensor,

@@ -50,7 +50,7 @@ def gaussian_slots(layout: GaussianLayout, device=None) -> Tensor:
             continue
         base = s.start + torch.arange(g, device=device)[:, None] * per
         cols.append(base + torch.arange(per, device=device)[None])
-    return torch.cat(cols, 1)
+    return torch.cat(cols, 1) if cols else torch.zeros(g, 0, dtype=torch.long, device=device)
 
 
 def _features(theta: Tensor, layout: GaussianLayout, views: ContextViews):

@@ -28,7 +28,18 @@ from .common import ALPHA_MAX, ALPHA_MIN, T_MIN, Projection, RenderOutput
 _INT32_LIMIT = 2**31
 
 
-class _Gather(torch.autograd.Function):
+class _RowIndexFunction(torch.autograd.Function):
+    """Shared context of :class:`_Gather` and :class:`_Scatter`: only the index is saved."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        src, index, size = inputs
+        ctx.save_for_backward(index)
+        ctx.save_for_forward(index)
+        ctx.size = size
+
+
+class _Gather(_RowIndexFunction):
     """``src.index_select(0, index)`` whose derivatives keep only ``index``.
 
     Autograd's own ``index_select`` backward is an ``index_add`` that saves its per-pair source
@@ -43,13 +54,6 @@ class _Gather(torch.autograd.Function):
         return src.index_select(0, index)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        src, index, size = inputs
-        ctx.save_for_backward(index)
-        ctx.save_for_forward(index)
-        ctx.size = size
-
-    @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (index,) = ctx.saved_tensors
         return _Scatter.apply(grad, index, ctx.size), None, None
@@ -57,22 +61,15 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, src_t: Tensor, index_t, size_t) -> Tensor:  # type: ignore[override]
         (index,) = ctx.saved_tensors
-        return src_t.index_select(0, index)
+        return _Gather.forward(src_t, index, ctx.size)
 
 
-class _Scatter(torch.autograd.Function):
+class _Scatter(_RowIndexFunction):
     """``zeros(size, ...).index_add(0, index, src)``; the adjoint of :class:`_Gather`."""
 
     @staticmethod
     def forward(src: Tensor, index: Tensor, size: int) -> Tensor:  # type: ignore[override]
         return src.new_zeros((size,) + tuple(src.shape[1:])).index_add(0, index, src)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        src, index, size = inputs
-        ctx.save_for_backward(index)
-        ctx.save_for_forward(index)
-        ctx.size = size
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -82,7 +79,7 @@ class _Scatter(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, src_t: Tensor, index_t, size_t) -> Tensor:  # type: ignore[override]
         (index,) = ctx.saved_tensors
-        return src_t.new_zeros((ctx.size,) + tuple(src_t.shape[1:])).index_add(0, index, src_t)
+        return _Scatter.forward(src_t, index, ctx.size)
 
 
 def gather_rows(src: Tensor, index: Tensor) -> Tensor:
