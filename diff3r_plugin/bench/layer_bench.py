@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pcg-maxiter", type=int, default=1000)
     p.add_argument("--precond-probes", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturbation", type=float, default=0.05,
+                   help="standard deviation of the noise added to every parameter of theta0 to make "
+                        "the true scene that renders the context views and the target")
     p.add_argument("--no-unroll", action="store_true", help="skip the unrolled reference")
     p.add_argument("--probe", action="store_true",
                    help="after the implicit run, probe the inner energy along -grad E at theta* "
@@ -65,7 +68,7 @@ def build_problem(args, dtype=torch.float32):
     scene = make_scene(args.gaussians, args.size, args.views, seed=args.seed, dtype=dtype)
     gen = torch.Generator().manual_seed(args.seed + 101)
     # The true scene differs from the initialization by a perturbation of every attribute.
-    true = scene.params.map(lambda t: t + 0.05 * torch.randn(t.shape, generator=gen, dtype=dtype))
+    true = scene.params.map(lambda t: t + args.perturbation * torch.randn(t.shape, generator=gen, dtype=dtype))
     with torch.no_grad():
         context = render_params(true, scene.extrinsics, scene.intrinsics, scene.near, scene.far,
                                 scene.image_shape).color
@@ -138,7 +141,7 @@ def _limit_memory(gb: float):
 def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
     cmd = [sys.executable, "-m", "diff3r_plugin.bench.layer_bench", "--worker", f"{backward}:{steps}:{out_path}"]
     for key in ("gaussians", "size", "views", "inner_solver", "precond", "matvec", "hessian", "lam",
-                "pcg_tol", "pcg_maxiter", "precond_probes", "seed"):
+                "pcg_tol", "pcg_maxiter", "precond_probes", "seed", "perturbation"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.probe:
         cmd += ["--probe"]
@@ -204,6 +207,7 @@ def run(args: argparse.Namespace) -> dict:
                 runs[-1]["line_probe"] = None if ift is None else ift["line_probe"]
     result = {"gaussians": args.gaussians, "size": args.size, "views": args.views,
               "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian, "lam": args.lam,
+              "perturbation": args.perturbation,
               "runs": runs, "notes": notes}
     if args.plot:
         plot(result, args.plot)

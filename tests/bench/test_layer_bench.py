@@ -38,3 +38,24 @@ def test_bench_layer_json_fields_and_probe(tmp_path):
     assert all(p["pairs_changed"] >= 0 and p["order_changed_pixels"] >= 0 for p in probe)
     png = (tmp_path / "layer.png").read_bytes()
     assert result["plot"] == str(tmp_path / "layer.png") and png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_perturbation_sets_how_far_the_true_scene_is_from_theta0():
+    import argparse
+
+    import torch
+
+    from diff3r_plugin.bench.layer_bench import build_problem
+    from diff3r_plugin.gaussians.layout import GaussianParams
+    from diff3r_plugin.render import render_params
+
+    def context_error(perturbation: float) -> float:
+        args = argparse.Namespace(gaussians=32, size=16, views=2, seed=0, lam=1.0, perturbation=perturbation)
+        views, layout, theta0, _, _, _ = build_problem(args)
+        own = render_params(GaussianParams.unflatten(theta0, layout), views.extrinsics, views.intrinsics,
+                            views.near, views.far, views.image_shape).color
+        return float((own - views.images).abs().max())
+
+    assert context_error(0.0) == 0.0  # the context views are theta0's own renders
+    small, large = context_error(0.01), context_error(0.1)
+    assert 0.0 < small < large
