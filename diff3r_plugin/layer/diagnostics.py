@@ -86,10 +86,15 @@ def _top_count(layout: GaussianLayout, fraction: float) -> int:
     return min(layout.num_gaussians, max(1, math.ceil(fraction * layout.num_gaussians)))
 
 
+def _top(grad: Tensor, layout: GaussianLayout, fraction: float):
+    """``topk`` of the per-Gaussian squared gradient norms over the ``ceil(fraction * G)`` largest."""
+    return _per_gaussian_sq(grad, layout).topk(_top_count(layout, fraction), dim=1)
+
+
 def top_gaussians(grad: Tensor, layout: GaussianLayout, fraction: float = 0.01) -> Tensor:
     """Indices ``[b, k]`` of the ``ceil(fraction * G)`` Gaussians with the largest gradient norm
     (over all their attributes)."""
-    return _per_gaussian_sq(grad, layout).topk(_top_count(layout, fraction), dim=1).indices
+    return _top(grad, layout, fraction).indices
 
 
 def gaussian_entry_mask(indices: Tensor, layout: GaussianLayout) -> Tensor:
@@ -111,7 +116,7 @@ def gradient_breakdown(grad: Tensor, grad_norm0: Tensor,
     total = (grad * grad).sum(1)
     if layout.num_gaussians == 0:
         return groups, torch.zeros_like(total)
-    top = _per_gaussian_sq(grad, layout).topk(_top_count(layout, 0.01), dim=1).values.sum(1)
+    top = _top(grad, layout, 0.01).values.sum(1)
     share = torch.where(total > 0, top / total.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(total))
     return groups, share
 
