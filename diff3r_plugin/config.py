@@ -398,6 +398,10 @@ class Diff3RConfig(_Section):
         huber_delta: Huber threshold.
         on_failure: Policy when a solve fails: ``"raise"``, ``"warn"`` or ``"fallback"``.
         backend: Rasterizer: ``"torch"`` (pure PyTorch, CPU/GPU) or ``"gsplat"`` (CUDA).
+        visibility: Pair lists of the inner solve: ``"per_step"`` (rebuilt at every iterate,
+            as upstream rasterizers do; the energy jumps where Gaussians swap depth order) or
+            ``"frozen"`` (those of ``theta0`` for the whole solve and its backward: a smooth
+            energy with a reachable stationary point; torch backend only).
         sh_basis: SH basis: ``"auto"`` (from the adapter), ``"e3nn"`` or ``"3dgs"``.
         lambda_mode: ``"predicted"`` (uncertainty head) or ``"constant"``.
         constant_lambda: The Lambda value used when ``lambda_mode == "constant"``.
@@ -431,6 +435,7 @@ class Diff3RConfig(_Section):
     huber_delta: float = field(default=0.1, metadata=_bound(gt=0))
     on_failure: Literal["raise", "warn", "fallback"] = "warn"
     backend: Literal["torch", "gsplat"] = "torch"
+    visibility: Literal["per_step", "frozen"] = "per_step"
     sh_basis: Literal["auto", "e3nn", "3dgs"] = "auto"
     lambda_mode: Literal["predicted", "constant"] = "predicted"
     constant_lambda: float = field(default=1.0, metadata=_bound(gt=0))

@@ -9,6 +9,7 @@ held before the call (the unrolled graph is built during the forward, so both pa
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="preconditioner of the PCG solves (implicit backward and LM steps)")
     p.add_argument("--matvec", choices=["sparse", "autodiff", "finite_difference"], default="sparse")
     p.add_argument("--hessian", choices=["gauss_newton", "exact"], default="gauss_newton")
+    p.add_argument("--visibility", choices=["per_step", "frozen"], default="per_step",
+                   help="pair lists of the inner solve: rebuilt at every iterate (upstream's "
+                        "rasterizers) or those of theta0 (a smooth energy); with frozen, each run "
+                        "also reports the stationarity of the per-step energy at theta_K")
     p.add_argument("--lam", type=float, default=1.0,
                    help="constant Lambda for every parameter (default: the uncertainty head's initial value)")
     p.add_argument("--stationarity-tol", type=float, default=None,
@@ -88,6 +93,7 @@ def _config(args, backward: str, steps: int) -> Diff3RConfig:
         tol = 1e-4 if args.inner_solver == "lm" else 0.0
     return Diff3RConfig(steps=steps, inner_solver=args.inner_solver, backward=backward,
                         hessian=args.hessian, precond=args.precond, matvec=args.matvec,
+                        visibility=args.visibility,
                         stationarity_tol=tol,
                         pcg_tol=args.pcg_tol, pcg_maxiter=args.pcg_maxiter,
                         precond_probes=args.precond_probes, on_failure="fallback")
@@ -113,6 +119,10 @@ def worker(args) -> dict:
         saved["stuck"] = gaussian_entry_mask(top_gaussians(info.final_grad, layout), layout)
     torch.save(saved, out_path)
     s = info.summary()
+    replanned = None
+    if backward == "implicit" and args.visibility == "frozen":
+        replanned = _replanned_stationarity(views, layout, config, theta0.detach(), lam.detach(),
+                                            theta_star.detach())
     probe = None
     if args.probe and backward == "implicit":
         obj = Objective.for_layer(views, layout, config, theta0)
@@ -124,7 +134,21 @@ def worker(args) -> dict:
         "steps": int(info.inner_steps.max()), "stationarity": s["stationarity"],
         "pcg_iters": s["pcg_iters"], "pcg_rel_residual": s["pcg_rel_residual"],
         "outer_loss": float(loss),
+        "stationarity_replanned": replanned,
+        "stale_pairs": s["stale_pairs"], "stale_order_pixels": s["stale_order_pixels"],
     }
+
+
+def _replanned_stationarity(views, layout, config, theta0, lam, theta_star) -> float:
+    """``||grad E(theta_K)|| / ||grad E(theta0)||`` of the energy with per-step pair lists (what
+    upstream's rasterizers see), for a solve that held the pair lists of ``theta0``."""
+    obj = Objective.for_layer(views, layout, dataclasses.replace(config, visibility="per_step"), theta0)
+    norms = []
+    for t in (theta0, theta_star):
+        t = t.clone().requires_grad_(True)
+        e = obj.energy(t, theta0, lam, sqrt_w=obj.frozen_sqrt_w)
+        norms.append(float(torch.autograd.grad(e.sum(), t)[0].norm()))
+    return norms[1] / norms[0] if norms[0] > 0 else 0.0
 
 
 def _limit_memory(gb: float):
@@ -140,7 +164,7 @@ def _limit_memory(gb: float):
 
 def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
     cmd = [sys.executable, "-m", "diff3r_plugin.bench.layer_bench", "--worker", f"{backward}:{steps}:{out_path}"]
-    for key in ("gaussians", "size", "views", "inner_solver", "precond", "matvec", "hessian", "lam",
+    for key in ("gaussians", "size", "views", "inner_solver", "precond", "matvec", "hessian", "visibility", "lam",
                 "pcg_tol", "pcg_maxiter", "precond_probes", "seed", "perturbation"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.probe:
@@ -203,10 +227,15 @@ def run(args: argparse.Namespace) -> dict:
                 "stationarity_groups": None if ift is None else ift["stationarity_groups"],
                 "grad_share_top1pct": None if ift is None else ift["grad_share_top1pct"],
             })
+            if args.visibility == "frozen":
+                runs[-1]["stationarity_replanned"] = None if ift is None else ift["stationarity_replanned"]
+                runs[-1]["stale_order_pixels"] = None if ift is None else ift["stale_order_pixels"]
+                runs[-1]["stale_pairs"] = None if ift is None else ift["stale_pairs"]
             if args.probe:
                 runs[-1]["line_probe"] = None if ift is None else ift["line_probe"]
     result = {"gaussians": args.gaussians, "size": args.size, "views": args.views,
-              "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian, "lam": args.lam,
+              "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian,
+              "visibility": args.visibility, "lam": args.lam,
               "perturbation": args.perturbation,
               "runs": runs, "notes": notes}
     if args.plot:

@@ -51,6 +51,9 @@ class Diff3RInfo:
     implicit_solution: Tensor | None = None  # v of H v = dL/dtheta* (a warm start for a later call)
     final_grad: Tensor | None = None  # grad E(theta_K) [b, n], detached: where the solve stopped
     warm_started: bool = False
+    visibility: str = "per_step"
+    stale_pairs: Tensor | None = None
+    stale_order_pixels: Tensor | None = None
 
     def summary(self) -> dict:
         """Plain-Python scalars (means over the batch) for logging."""
@@ -73,7 +76,8 @@ class Diff3RInfo:
             "stationarity_groups": None if self.stationarity_groups is None else {
                 g: mean(t) for g, t in self.stationarity_groups.items()},
             "grad_share_top1pct": mean(self.grad_share_top1pct),
-            "warm_started": self.warm_started,
+            "warm_started": self.warm_started, "visibility": self.visibility,
+            "stale_pairs": mean(self.stale_pairs), "stale_order_pixels": mean(self.stale_order_pixels),
         }
 
 

@@ -23,6 +23,7 @@ calls (safe under DDP).
 
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ from .inner import adam_solve, lm_solve
 from .matvec import make_matvec
 from .objective import Objective
 from .pcg import pcg
+from .probe import plan_changes
 from .views import ContextViews
 
 
@@ -152,6 +154,14 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
     return v
 
 
+def _visibility_staleness(obj: Objective, theta_star: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairs and reordered pixels between the frozen pair lists (``theta0``) and ``theta*``'s."""
+    frozen = obj.make_plan(theta_star)
+    current = replace(obj, visibility_theta=None).make_plan(theta_star)
+    h, w = obj.views.image_shape
+    return plan_changes(frozen, current, theta_star.shape[0], obj.views.num_views * h * w)
+
+
 def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: GaussianLayout,
                  config: Diff3RConfig | None = None, *, backend: str | None = None,
                  warm_start: Tensor | None = None) -> tuple[Tensor, Diff3RInfo]:
@@ -231,11 +241,14 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
             info.final_grad = res.grad
             info.stationarity_groups, info.grad_share_top1pct = gradient_breakdown(
                 res.grad, res.grad_norm0, layout)
+        if obj.visibility_theta is not None:
+            info.stale_pairs, info.stale_order_pixels = _visibility_staleness(obj, theta_star.detach())
         if bool((res.nan_rollbacks > 0).any()):
             _report(config.on_failure,
                     f"the inner optimization produced NaN/Inf in {int((res.nan_rollbacks > 0).sum())} "
                     "scene(s); they were rolled back to their last finite iterate", info,
                     SolverDivergedError)
+    info.visibility = config.visibility
     info.forward_ms = (time.perf_counter() - t_start) * 1e3
 
     if unroll:

@@ -80,7 +80,7 @@ class GaussNewtonAutodiff(_Base):
 
     def _prepare(self, idx, views: ContextViews, sqrt_w):
         theta = self.theta.index_select(0, idx)
-        plan = self.objective.make_plan(theta, views)
+        plan = self.objective.make_plan(theta, views, idx)
 
         def res(t):
             return self.objective.residual(t, views, plan, sqrt_w)
@@ -122,7 +122,7 @@ class GaussNewtonSparse(_Base):
 
     def _prepare(self, idx, views: ContextViews, sqrt_w):
         theta = self.theta.index_select(0, idx)
-        plan = self.objective.make_plan(theta, views)
+        plan = self.objective.make_plan(theta, views, idx)
         with torch.no_grad():
             return SparseJacobian.build(theta, self.objective.layout, views, plan, sqrt_w)
 
@@ -160,7 +160,7 @@ class GaussNewtonFiniteDifference(_Base):
     def _prepare(self, idx, views, sqrt_w):
         theta = self.theta.index_select(0, idx).requires_grad_(True)
         with torch.enable_grad():
-            r = self.objective.residual(theta, views, None, sqrt_w)
+            r = self.objective.residual(theta, views, None, sqrt_w, idx)
         return views, sqrt_w, theta, r
 
     def jvp(self, p: Tensor, idx: Tensor) -> Tensor:
@@ -168,8 +168,8 @@ class GaussNewtonFiniteDifference(_Base):
         size = p.abs().amax(1, keepdim=True)
         eps = self.fd_eps / torch.where(size > 0, size, torch.ones_like(size))
         with torch.no_grad():
-            plus = self.objective.residual(theta.detach() + eps * p, views, None, sqrt_w)
-            minus = self.objective.residual(theta.detach() - eps * p, views, None, sqrt_w)
+            plus = self.objective.residual(theta.detach() + eps * p, views, None, sqrt_w, idx)
+            minus = self.objective.residual(theta.detach() - eps * p, views, None, sqrt_w, idx)
         return (plus - minus) / (2 * eps)
 
     def jt(self, u: Tensor, idx: Tensor) -> Tensor:

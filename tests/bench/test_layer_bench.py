@@ -59,3 +59,19 @@ def test_perturbation_sets_how_far_the_true_scene_is_from_theta0():
     assert context_error(0.0) == 0.0  # the context views are theta0's own renders
     small, large = context_error(0.01), context_error(0.1)
     assert 0.0 < small < large
+
+
+def test_bench_layer_frozen_visibility_reports_the_per_step_energy(tmp_path):
+    cmd = [sys.executable, "-m", "diff3r_plugin.cli", "bench", "layer", "--json", "--gaussians", "16",
+           "--size", "8", "--views", "2", "--inner-solver", "lm", "--steps", "3", "--no-unroll",
+           "--visibility", "frozen", "--memory-limit-gb", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["visibility"] == "frozen"
+    (run,) = result["runs"]
+    assert 0 < run["stationarity"] < 1
+    # The per-step energy has the same gradient at theta0 (the pair lists are theta0's there),
+    # and a positive one at theta_K.
+    assert run["stationarity_replanned"] > 0
+    assert run["stale_pairs"] >= 0 and run["stale_order_pixels"] >= 0

@@ -136,8 +136,8 @@ def nan_after(monkeypatch, n_ok: int):
     original = Objective.render
     calls = {"n": 0}
 
-    def render(self, theta, views=None, plan=None):
-        out = original(self, theta, views, plan)
+    def render(self, theta, *args, **kwargs):
+        out = original(self, theta, *args, **kwargs)
         calls["n"] += 1
         return out if calls["n"] <= n_ok else torch.full_like(out, float("nan"))
 
