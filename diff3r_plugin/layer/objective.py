@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..gaussians.layout import GaussianLayout, GaussianParams
 from ..errors import ConfigError
+from ..gaussians.layout import GaussianLayout, GaussianParams
 from ..render.api import pose_adjusted_extrinsics, render
 from ..render.common import _broadcast_background, project
 from ..render.torch_backend import PairPlan, build_plan, composite
@@ -41,6 +41,10 @@ class Objective:
     huber_delta: float = 0.1
     frozen_sqrt_w: Tensor | None = None
     visibility_theta: Tensor | None = None  # frozen visibility: every pair list is built here
+
+    def __post_init__(self) -> None:
+        # Frozen visibility: the whole batch's pair list of theta0, built once per dtype/device.
+        self._frozen_plans: dict = {}
 
     @classmethod
     def for_layer(cls, views: ContextViews, layout: GaussianLayout, config, theta0: Tensor,
@@ -89,13 +93,20 @@ class Objective:
                   idx: Tensor | None = None) -> PairPlan:
         """Pair list at ``theta`` (torch backend), reused for exact derivatives at ``theta``; with
         frozen visibility the pair list of ``theta0`` (rows ``idx`` when ``views`` is a subset)."""
+        whole = self.visibility_theta is not None and idx is None and (views is None or views is self.views)
+        key = (theta.dtype, theta.device)
+        if whole and key in self._frozen_plans:
+            return self._frozen_plans[key]
         views = self.views if views is None else views
         theta = self._plan_source(theta, views, idx)
         with torch.no_grad():
             params, extr = self._gaussians(theta.detach(), views)
             proj = project(params.means, params.covariances(), params.harmonics, params.opacities(),
                            extr, views.intrinsics, views.near, views.image_shape, views.sh_basis)
-            return build_plan(proj, views.image_shape)
+            plan = build_plan(proj, views.image_shape)
+        if whole:
+            self._frozen_plans[key] = plan
+        return plan
 
     def render(self, theta: Tensor, views: ContextViews | None = None, plan: PairPlan | None = None,
                idx: Tensor | None = None) -> Tensor:
