@@ -32,6 +32,7 @@ from ..config import Diff3RConfig
 from ..errors import (InvalidLambdaError, LayoutMismatchError, NonFiniteError, PCGNotConvergedError,
                       SolverDivergedError)
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
+from . import checks
 from .diagnostics import Diff3RInfo, gradient_breakdown, scene_extent
 from .inner import adam_solve, lm_solve
 from .matvec import make_matvec
@@ -175,6 +176,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     if views is None:
         raise LayoutMismatchError("views are missing: the layer needs the context images and cameras")
     views.validate()
+    checks.check_parameters(theta0, lam, layout, warm_start)
     for name, t in (("theta0", theta0), ("lam", lam)):
         layout.check_vector(t, name)
     if theta0.shape != lam.shape:
