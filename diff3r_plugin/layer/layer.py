@@ -198,6 +198,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
             raise NonFiniteError(
                 f"warm_start contains {int((~torch.isfinite(warm_start)).sum())} NaN/Inf value(s)")
 
+    config = checks.skip_solve_if_empty(config, layout)
     inference = torch.is_inference_mode_enabled()
     wants_grad = (not inference) and torch.is_grad_enabled() and (theta0.requires_grad or lam.requires_grad)
     unroll = wants_grad and config.backward == "unroll"
