@@ -234,6 +234,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
                           used_precond, torch.zeros(b, dtype=torch.long, device=device), zeros.clone(),
                           zeros.clone(), zeros.clone(), torch.zeros(b, dtype=torch.long, device=device))
     else:
+        checks.check_initial_energy(res.energy0, res.grad_norm0, theta0, layout)
         theta_star = res.theta
         stat = res.grad_norm / res.grad_norm0.clamp_min(torch.finfo(res.grad_norm.dtype).tiny)
         stat = torch.where(res.grad_norm0 > 0, stat, torch.zeros_like(stat))
