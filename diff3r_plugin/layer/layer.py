@@ -253,6 +253,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
                     "scene(s); they were rolled back to their last finite iterate", info,
                     SolverDivergedError)
     info.visibility = config.visibility
+    checks.note_constant_views(views, info)
     info.forward_ms = (time.perf_counter() - t_start) * 1e3
 
     if unroll:
