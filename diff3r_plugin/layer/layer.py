@@ -206,7 +206,8 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     with torch.inference_mode(False), torch.enable_grad():
         obj = Objective.for_layer(views, layout, config, theta0, backend)
         if unroll:
-            t0_in, lam_in = theta0, lam
+            guard = checks.UnrollGuard(config)
+            t0_in, lam_in = guard(theta0, "theta0"), guard(lam, "lam")
         else:
             t0_in, lam_in = theta0.detach().clone(), lam.detach().clone()
         if config.steps == 0:
@@ -257,7 +258,8 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     info.forward_ms = (time.perf_counter() - t_start) * 1e3
 
     if unroll:
-        return theta_star, info
+        guard.info = info
+        return guard(theta_star, "theta*"), info
     if res is None:
         # No inner step: theta* = theta0, whose derivative is the identity (and zero for Lambda).
         return (theta0.clone() if wants_grad else theta0.detach().clone()), info
