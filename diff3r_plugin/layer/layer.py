@@ -127,9 +127,7 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
                      check_every=config.pcg_check_every)
         # True residual of the returned solution (PCG's recursion can drift from it).
         idx = torch.arange(grad.shape[0], device=grad.device)
-        gnorm = grad.norm(dim=1)
-        true_rel = (grad - mv(v, idx)).norm(dim=1) / gnorm.clamp_min(torch.finfo(grad.dtype).tiny)
-        true_rel = torch.where(gnorm > 0, true_rel, torch.zeros_like(true_rel))
+        gnorm, true_rel = checks.relative_residual(grad, grad - mv(v, idx))
     info.pcg_iters = res.iterations
     info.warm_started = x0 is not None
     info.pcg_rel_residual = true_rel.detach()
