@@ -295,9 +295,15 @@ class Diff3RLayer(nn.Module):
         if isinstance(theta0, GaussianParams):
             layout = theta0.layout
             flat0 = theta0.flatten()
+            if isinstance(lam, GaussianParams) and lam.layout != layout:
+                raise LayoutMismatchError(f"lam has layout {lam.layout} but theta0's is {layout}")
             flat_lam = lam.flatten() if isinstance(lam, GaussianParams) else lam
             flat, info = diff3r_layer(flat0, flat_lam, views, layout, self.config, warm_start=warm_start)
             return GaussianParams.unflatten(flat, layout), info
         if layout is None:
             raise LayoutMismatchError("pass the GaussianLayout with flat parameter vectors")
+        if isinstance(lam, GaussianParams):
+            if lam.layout != layout:
+                raise LayoutMismatchError(f"lam has layout {lam.layout} but theta0's is {layout}")
+            lam = lam.flatten()
         return diff3r_layer(theta0, lam, views, layout, self.config, warm_start=warm_start)
