@@ -94,6 +94,18 @@ def check_initial_energy(energy0: Tensor, grad_norm0: Tensor, theta0: Tensor,
             f"overflows {theta0.dtype}. Largest |theta0| per group: {_largest_groups(theta0, layout)}")
 
 
+def note_blind_scenes(energy0: Tensor, grad_norm0: Tensor, info) -> None:
+    """Report scenes whose context renders do not depend on ``theta0``."""
+    # E(theta0) = 1/2 |r|^2 > 0 with a zero gradient: the context renders do not depend on
+    # theta0 at all (every Gaussian culled or outside the views, e.g. cameras looking down -z),
+    # so theta* = theta0 and the gradients are the identity, which no stationarity test shows.
+    blind = (grad_norm0 == 0) & (energy0 > 0)
+    if bool(blind.any()):
+        report("warn", f"no Gaussian of scene(s) {torch.nonzero(blind).flatten().tolist()[:10]} is "
+               "visible in any context view (the gradient of the energy at theta0 is zero): theta* = "
+               "theta0. Check the cameras: OpenCV camera-to-world, +z forward", info, NonFiniteError)
+
+
 def report(policy: str, message: str, info, error: type) -> None:
     """Record ``message`` in ``info`` and raise, warn or do nothing per ``policy``."""
     if info is not None:
@@ -171,4 +183,4 @@ class UnrollGuard:
 
 
 __all__ = ["SUPPORTED_DTYPES", "UnrollGuard", "check_initial_energy", "check_parameters",
-           "note_constant_views", "relative_residual", "report", "safe_norm", "skip_solve_if_empty"]
+           "note_blind_scenes", "note_constant_views", "relative_residual", "report", "safe_norm", "skip_solve_if_empty"]

@@ -240,6 +240,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
         info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
                           used_precond, res.steps, stat.detach(), res.energy0, res.energy,
                           res.nan_rollbacks)
+        checks.note_blind_scenes(res.energy0, res.grad_norm0, info)
         if res.grad is not None:
             info.final_grad = res.grad
             info.stationarity_groups, info.grad_share_top1pct = gradient_breakdown(
