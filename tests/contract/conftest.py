@@ -27,9 +27,9 @@ def pytest_terminal_summary(terminalreporter):
     if not rows:
         return
     failed = [r for r in terminalreporter.stats.get("failed", []) if "test_bad_input" in r.nodeid]
-    classes = {(entry, klass): kind for entry, klass, kind in rows}
-    distinct = {}
-    for (_, klass), kind in classes.items():
+    classes, distinct = {}, {}
+    for entry, klass, kind in rows:
+        classes.setdefault((entry, klass), set()).add(kind)
         distinct.setdefault(klass, set()).add(kind)
     by_kind = Counter(kind for _, _, kind in rows)
     class_kind = Counter(" / ".join(sorted(kinds)) for kinds in distinct.values())
