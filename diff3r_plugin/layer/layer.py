@@ -169,6 +169,13 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     ``warm_start`` (``[b, n]``, optional) is the initial guess of the implicit backward's PCG,
     typically ``info.implicit_solution`` of an earlier call on the same scenes with a similar
     outer loss (per-scene fine-tuning, repeated evaluation); the unrolled backward ignores it.
+
+    Bad input raises a typed error naming it (:mod:`.checks`, ``ContextViews.validate``):
+    ``theta0``, ``lam`` and ``warm_start`` must share one dtype, float32 or float64 (mixed
+    dtypes are a ``DTypeError``, not promoted; the views are cast to ``theta0``'s dtype), and a
+    zero quaternion is a ``ValueRangeError``. A scene without Gaussians gives ``theta* =
+    theta0``; NaN/Inf gradients are zeroed per scene and reported under ``on_failure`` in both
+    backward modes.
     """
     config = config or Diff3RConfig()
     if views is None:
