@@ -105,7 +105,9 @@ def tiny_cotangent(entry):
         assert float(run.info.rhs_norm.min()) > 0
         for tiny, ref in ((run.grad_theta0, unit.grad_theta0), (run.grad_lam, unit.grad_lam)):
             assert float(tiny.abs().max()) > 0, "a 1e-30 cotangent gave exactly zero gradients"
-            assert close(tiny.double() / 1e-30, ref.double(), 1e-3)
+            # Measured agreement 2e-7; 1e-2 leaves room for a PCG that stops at another
+            # convergence check on other processors (both runs stop at a residual below 1e-3).
+            assert close(tiny.double() / 1e-30, ref.double(), 1e-2)
     return Exact(check)
 
 
