@@ -1,5 +1,6 @@
 """Bad-input contract of the configuration, the uncertainty head and the adapter registry."""
 
+import dataclasses
 import math
 
 import torch
@@ -8,6 +9,7 @@ from contract_base import Call, Case, ContractTester, Raises
 from diff3r_plugin.adapters.registry import get_adapter, register_adapter
 from diff3r_plugin.config import Diff3RConfig, HeadConfig
 from diff3r_plugin.errors import ConfigError, ShapeError, UnknownAdapterError
+from diff3r_plugin.layer import Diff3RLayer
 from diff3r_plugin.uncertainty.head import UncertaintyHead
 
 
@@ -24,6 +26,10 @@ class TestDiff3RConfig(ContractTester):
              "from_dict"),
         Case("misspelt key", make(Diff3RConfig().merge, {"head": {"flor": 1e-3}}),
              Raises(ConfigError, "Did you mean 'diff3r.head.floor'"), "merge, nested"),
+        Case("misspelt key", make(dataclasses.replace, Diff3RConfig(), stepz=5),
+             Raises(ConfigError, "Did you mean 'diff3r.steps'"), "dataclasses.replace"),
+        Case("misspelt key", make(Diff3RLayer, stepz=5), Raises(ConfigError, "Did you mean 'diff3r.steps'"),
+             "Diff3RLayer overrides"),
         Case("misspelt choice", make(Diff3RConfig, inner_solver="adma"), Raises(ConfigError, "Did you mean 'adam'")),
         Case("out-of-range value", make(Diff3RConfig, steps=-1), Raises(ConfigError, ">= 0")),
         Case("bool for an int", make(Diff3RConfig, steps=True), Raises(ConfigError, "(bool)")),
