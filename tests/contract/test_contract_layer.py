@@ -11,7 +11,8 @@ from torch import Tensor
 
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import (CameraConventionError, ConfigError, DTypeError, InvalidLambdaError,
-                                  LayoutMismatchError, NonFiniteError, ShapeError, ValueRangeError)
+                                  LayoutMismatchError, NonFiniteError, PCGNotConvergedError, ShapeError,
+                                  ValueRangeError)
 from diff3r_plugin.gaussians.layout import GaussianParams
 from diff3r_plugin.layer import ContextViews, Diff3RInfo, Diff3RLayer, diff3r_layer
 
@@ -20,6 +21,8 @@ CONFIGS = {
     "lm": Diff3RConfig(**FAST),
     "adam": Diff3RConfig(inner_solver="adam", **FAST),
     "unroll": Diff3RConfig(backward="unroll", **FAST),
+    "lm, raise": Diff3RConfig(on_failure="raise", **FAST),
+    "unroll, raise": Diff3RConfig(backward="unroll", on_failure="raise", **FAST),
 }
 
 
@@ -241,6 +244,10 @@ def layer_cases(entry: str) -> list[Case]:
           batch=2, after=with_nan_row),
         c("NaN cotangent", nan_cotangent("backward='unroll'"), "unroll",
           batch=2, config="unroll", after=with_nan_row),
+        c("NaN cotangent", Raises(PCGNotConvergedError, "implicit solve produced NaN/Inf"), "implicit, raise",
+          batch=2, config="lm, raise", after=with_nan_row),
+        c("NaN cotangent", Raises(NonFiniteError, "backward='unroll'"), "unroll, raise",
+          batch=2, config="unroll, raise", after=with_nan_row),
         # -- generic errors before ---------------------------------------------------------------
         c("mixed parameter dtypes", Raises(DTypeError, "share one dtype"), "float32 theta0, float64 lam",
           dtype=F32, after=lambda i: i.update(lam=i["lam"].double())),
