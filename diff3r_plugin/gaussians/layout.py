@@ -16,7 +16,7 @@ with a backward that stays finite for (near-)isotropic covariances, where the ei
 not unique (see :class:`_SafeEigh`).
 """
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -430,6 +430,6 @@ def random_params(
 
 __all__ = [
     "GROUPS", "GaussianLayout", "GaussianParams", "UpstreamExtras", "build_covariance",
-    "check_covariances", "from_upstream", "quat_to_rotmat", "random_params", "replace",
+    "check_covariances", "from_upstream", "quat_to_rotmat", "random_params",
     "rotmat_to_quat", "to_upstream",
 ]

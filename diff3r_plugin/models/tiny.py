@@ -29,13 +29,11 @@ from torch import Tensor, nn
 from ..errors import ShapeError
 from ..gaussians.layout import GaussianParams, build_covariance
 from ..geometry.cameras import invert_rigid, se3_exp
-from ..geometry.sh import num_coeffs
+from ..geometry.sh import num_coeffs, rgb_to_sh
 from ..uncertainty.head import NUM_GAUSSIAN_FEATURES, features_from_gaussians
 
 __all__ = ["EncoderOutput", "TinyPoseGivenEncoder", "TinyPoseFreeEncoder", "pnp", "pixel_rays",
            "to_relative_frame"]
-
-C0 = 0.28209479177387814
 
 
 @dataclass
@@ -103,7 +101,7 @@ class _GaussianHead(nn.Module):
         opac = torch.sigmoid(out[..., 7] + 2.0)
         rgb = image.permute(0, 2, 3, 1).reshape(n, h * w, 3)
         sh = out[..., 8:].reshape(n, h * w, 3, self.d_sh) * 0.5
-        sh = sh + F.pad(((rgb - 0.5) / C0)[..., None], (0, self.d_sh - 1))
+        sh = sh + F.pad(rgb_to_sh(rgb)[..., None], (0, self.d_sh - 1))
         # Camera-frame (z = depth) point -> world.
         pc = ray * depth[..., None]
         means = pc @ c2w[:, :3, :3].transpose(-1, -2) + c2w[:, None, :3, 3]

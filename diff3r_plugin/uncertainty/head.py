@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import ShapeError
+from ..geometry.sh import C0
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 
 __all__ = ["UncertaintyHead", "features_from_gaussians", "NUM_GAUSSIAN_FEATURES",
@@ -158,7 +159,7 @@ def features_from_gaussians(
     else:
         origin = params.means.new_zeros(b, 1, 3)
     dist = (params.means - origin).norm(dim=-1, keepdim=True).clamp_min(1e-6).log()
-    colour = 0.5 + 0.28209479177387814 * params.sh_dc[..., 0]
+    colour = 0.5 + C0 * params.sh_dc[..., 0]
     rest = params.sh_rest.pow(2).sum((-1, -2)).add(1e-12).sqrt()[..., None]
     pixel = params.means.new_zeros(b, g, 3)
     flag = params.means.new_zeros(b, g, 1)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from jaxtyping import TypeCheckError
 
 import upstream_fixtures as uf
 from diff3r_plugin.adapters import (Adapter, available_adapters, detect_adapter, estimate_pose_pnp,
@@ -104,7 +105,8 @@ def test_returns_upstream_class_and_tto_changes_it(name):
         ref = _gauss(enc.diff3r.original_forward(ctx, *uf.call_args(name)))
     assert type(out) is uf.Gaussians
     uf.decode(out)  # accepted by the jaxtyped consumer
-    with pytest.raises(Exception):
+    # A look-alike with the same fields is refused by the type-checked consumer.
+    with pytest.raises(TypeCheckError, match="gaussians"):
         uf.decode(SimpleNamespace(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}))
     assert out.means.shape == ref.means.shape and out.harmonics.shape == ref.harmonics.shape
     assert all(torch.isfinite(getattr(out, f)).all() for f in ("means", "covariances", "harmonics", "opacities"))

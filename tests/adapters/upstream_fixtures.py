@@ -22,7 +22,7 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
-C0 = 0.28209479177387814
+from diff3r_plugin.geometry.sh import rgb_to_sh
 
 
 @jaxtyped(typechecker=beartype)
@@ -121,7 +121,7 @@ class _PixelEncoder(nn.Module):
         sh = out[..., 5:].reshape(b, v, h * w, self.spp, 3, self.d_sh) * self.sh_mask
         rgb = context_rgb(img, self).reshape(b, v, 3, h * w).permute(0, 1, 3, 2)
         sh = sh.clone()
-        sh[..., 0] = sh[..., 0] + ((rgb - 0.5) / C0)[:, :, :, None]
+        sh[..., 0] = sh[..., 0] + rgb_to_sh(rgb)[:, :, :, None]
         c2w = self.camera_frames(context)
         rays = pixel_rays(context["intrinsics"], h, w)  # b v hw 3
         cam = rays[:, :, :, None] * depth[..., None]
