@@ -22,6 +22,7 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
+from diff3r_plugin.geometry.projection import pixel_rays
 from diff3r_plugin.geometry.sh import rgb_to_sh
 
 
@@ -41,15 +42,6 @@ def decode(gaussians: Gaussians) -> Float[Tensor, "batch"]:
 
 
 # ----------------------------------------------------------------------------- geometry helpers
-def pixel_rays(intrinsics: Tensor, h: int, w: int) -> Tensor:
-    """``[b, v, h*w, 3]`` camera-frame rays (z = 1) through pixel centres."""
-    ys = (torch.arange(h, dtype=intrinsics.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=intrinsics.dtype) + 0.5) / w
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    pix = torch.stack([x, y, torch.ones_like(x)], -1).reshape(-1, 3)
-    return torch.einsum("bvij,nj->bvni", torch.linalg.inv(intrinsics), pix)
-
-
 def look_at_c2w(eye, target=(0.0, 0.0, 3.0)) -> Tensor:
     eye = torch.tensor(eye, dtype=torch.float32)
     target = torch.tensor(target, dtype=torch.float32)
