@@ -298,15 +298,19 @@ def _check_float(name: str, t: Tensor) -> None:
 def check_covariances(covariances: Tensor, *, rel_tol: float = 1e-13, name: str = "covariances") -> Tensor:
     """Boolean mask ``[...]`` of covariances that are not symmetric positive definite.
 
-    Checked in float64, so flat but valid Gaussians (scale ratios of 1e4 and more, i.e.
-    eigenvalue ratios of 1e8) are accepted.
+    The one SPD criterion of the package (the renderers' input check uses it too), in float64:
+    with ``m = max_ij |C_ij|``, a covariance is accepted when ``|C - C^T| <= 1e-4 m`` entrywise
+    and ``sym(C) - rel_tol m I`` has a Cholesky factor, i.e. ``lambda_min > rel_tol m``
+    (``m <= lambda_max <= 3 m``). Flat but valid Gaussians (scale ratios of 1e4 and more, i.e.
+    eigenvalue ratios of 1e8) are accepted; a zero or negative eigenvalue is not.
     """
     c = covariances.detach().double()
     asym = (c - c.transpose(-1, -2)).abs().amax((-1, -2))
     mag = c.abs().amax((-1, -2)).clamp_min(1e-30)
-    evals = torch.linalg.eigvalsh(0.5 * (c + c.transpose(-1, -2)))
-    bad = (asym > 1e-4 * mag) | (evals[..., 0] <= rel_tol * evals[..., -1].abs().clamp_min(1e-30))
-    return bad
+    shifted = 0.5 * (c + c.transpose(-1, -2)) - (rel_tol * mag)[..., None, None] * torch.eye(
+        3, dtype=c.dtype, device=c.device)
+    _, info = torch.linalg.cholesky_ex(shifted)
+    return (asym > 1e-4 * mag) | (info != 0)
 
 
 def from_upstream(
