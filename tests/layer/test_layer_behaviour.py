@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import (InvalidLambdaError, LayoutMismatchError, PCGNotConvergedError,
                                   ShapeError, SolverDivergedError)

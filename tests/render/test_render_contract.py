@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_cameras, make_scene
+from diff3r_plugin.data.synthetic import make_cameras, make_scene
 from diff3r_plugin.errors import (BackendUnavailableError, CameraConventionError, Diff3RError,
                                   DTypeError, InvalidCovarianceError, NonFiniteError, ShapeError)
 from diff3r_plugin.gaussians.layout import GaussianParams, build_covariance, random_params
