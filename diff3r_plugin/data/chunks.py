@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError, NonFiniteError, ShapeError
+from .example import upstream_example, upstream_views
 
 __all__ = [
     "ChunkDataset",
@@ -534,20 +535,15 @@ def _build_example(
         if image_shape is not None and image_shape != scene.image_shape:
             images, intrinsics = _rescale_and_crop(images, intrinsics, image_shape)
         v = len(indices)
-        return {
-            "extrinsics": scene.extrinsics[pos][None],
-            "intrinsics": intrinsics[None],
-            "image": images[None],
-            "near": torch.full((1, v), float(near), dtype=torch.float32),
-            "far": torch.full((1, v), float(far), dtype=torch.float32),
-            "index": torch.tensor([indices], dtype=torch.int64),
-        }
+        return upstream_views(images, scene.extrinsics[pos], intrinsics,
+                              torch.full((v,), float(near), dtype=torch.float32),
+                              torch.full((v,), float(far), dtype=torch.float32), indices)
 
     context = views(entry.context)
     if isinstance(entry.overlap, float):
         # NoPoSplat's evaluation reads context["overlap"] as a [batch, 1] tensor.
         context["overlap"] = torch.tensor([[entry.overlap]], dtype=torch.float32)
-    return {"context": context, "target": views(entry.target), "scene": [scene.key]}
+    return upstream_example(context, views(entry.target), scene.key)
 
 
 def make_example(
