@@ -25,6 +25,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
+from einops import reduce
 from torch import Tensor
 
 from diff3r_plugin.errors import ConfigError, ShapeError
@@ -88,9 +89,8 @@ class NoPoSplatAdapter(Adapter):
                 f"noposplat: {g} Gaussians are not pixel-aligned with {v} context views of {h}x{w} "
                 "(expected a multiple of v*h*w); cannot estimate the context poses by PnP. Pass "
                 "pose_source='batch' to use the batch extrinsics")
-        spp = g // (v * h * w)
-        pts = means.reshape(b, v, h * w, spp, 3).mean(3)
-        opac = gaussians.opacities.detach().reshape(b, v, h * w, spp).amax(3)
+        pts = reduce(means, "b (v p s) c -> b v p c", "mean", v=v, p=h * w)
+        opac = reduce(gaussians.opacities.detach(), "b (v p s) -> b v p", "max", v=v, p=h * w)
         out = torch.eye(4, dtype=views.extrinsics.dtype, device=means.device).repeat(b, v, 1, 1)
         for j in range(1, v):
             wts = (opac[:, j] > self.opacity_threshold).double()

@@ -101,7 +101,7 @@ class EvalEntry:
 # --------------------------------------------------------------------------------------------
 
 
-def _short(text: str, limit: int = 300) -> str:
+def _short(text: object, limit: int = 300) -> str:
     # torch.load's unpickling errors can be pages long; the first lines carry the cause.
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import (DTypeError, InvalidCovarianceError, LayoutMismatchError, NonFiniteError,
@@ -175,13 +175,13 @@ class GaussianParams:
     def unflatten(cls, vector: Float[Tensor, "batch n"], layout: GaussianLayout) -> "GaussianParams":
         return cls(**layout.split(vector))
 
-    def scales(self) -> Tensor:
+    def scales(self) -> Float[Tensor, "batch gaussian 3"]:
         return self.log_scales.exp()
 
-    def opacities(self) -> Tensor:
+    def opacities(self) -> Float[Tensor, "batch gaussian"]:
         return torch.sigmoid(self.opacity_logits)
 
-    def rotations(self) -> Tensor:
+    def rotations(self) -> Float[Tensor, "batch gaussian 3 3"]:
         return quat_to_rotmat(self.quats)
 
     def covariances(self) -> Float[Tensor, "batch gaussian 3 3"]:
@@ -280,7 +280,7 @@ class UpstreamExtras:
     ``num_opacity_clamped``: opacities clamped into [eps, 1-eps] before the logit.
     """
 
-    harmonics_high: Tensor
+    harmonics_high: Float[Tensor, "batch gaussian 3 d_high"]
     num_projected: int = 0
     num_opacity_clamped: int = 0
 
@@ -295,7 +295,9 @@ def _check_float(name: str, t: Tensor) -> None:
         raise NonFiniteError(f"{name} contains {bad} NaN/Inf value(s)")
 
 
-def check_covariances(covariances: Tensor, *, rel_tol: float = 1e-13, name: str = "covariances") -> Tensor:
+def check_covariances(
+    covariances: Float[Tensor, "*batch 3 3"], *, rel_tol: float = 1e-13, name: str = "covariances"
+) -> Bool[Tensor, "*batch"]:
     """Boolean mask ``[...]`` of covariances that are not symmetric positive definite.
 
     The one SPD criterion of the package (the renderers' input check uses it too), in float64:
@@ -397,7 +399,8 @@ def from_upstream(
 
 def to_upstream(
     params: GaussianParams, extras: UpstreamExtras | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Float[Tensor, "batch gaussian 3"], Float[Tensor, "batch gaussian 3 3"],
+           Float[Tensor, "batch gaussian 3 d_sh"], Float[Tensor, "batch gaussian"]]:
     """Back to ``(means, covariances, harmonics, opacities)`` of the upstream ``Gaussians``."""
     harmonics = params.harmonics
     if extras is not None and extras.harmonics_high.shape[-1] > 0:

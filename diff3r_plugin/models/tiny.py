@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ShapeError
-from ..gaussians.layout import GaussianParams, build_covariance
+from ..gaussians.layout import build_covariance
 from ..geometry.cameras import invert_rigid, se3_exp
 from ..geometry.pnp import solve_pnp
 from ..geometry.projection import pixel_rays
@@ -82,15 +83,15 @@ class _GaussianHead(nn.Module):
                 intrinsics: Tensor, scale_init: float):
         """x [n, c, h, w]; image [n, 3, h, w]; depth [n, h*w]; ray [n, h*w, 3]; c2w [n, 4, 4]."""
         n, _, h, w = x.shape
-        out = self.net(x).permute(0, 2, 3, 1).reshape(n, h * w, -1)
+        out = rearrange(self.net(x), "n c h w -> n (h w) c")
         # Pixel footprint at the predicted depth (normalized focal -> pixels).
         fx = intrinsics[:, 0, 0][:, None] * w
         footprint = depth / fx
         scales = footprint[..., None] * scale_init * torch.exp(out[..., 0:3].clamp(-3, 3))
         quats = out[..., 3:7] + torch.tensor([1.0, 0, 0, 0], dtype=x.dtype, device=x.device)
         opac = torch.sigmoid(out[..., 7] + 2.0)
-        rgb = image.permute(0, 2, 3, 1).reshape(n, h * w, 3)
-        sh = out[..., 8:].reshape(n, h * w, 3, self.d_sh) * 0.5
+        rgb = rearrange(image, "n c h w -> n (h w) c")
+        sh = rearrange(out[..., 8:], "n p (c k) -> n p c k", c=3) * 0.5
         sh = sh + F.pad(rgb_to_sh(rgb)[..., None], (0, self.d_sh - 1))
         # Camera-frame (z = depth) point -> world.
         pc = ray * depth[..., None]
@@ -104,7 +105,7 @@ class _GaussianHead(nn.Module):
 
 
 def _flatten_views(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    return rearrange(t, "b v ... -> (b v) ...")
 
 
 class TinyPoseGivenEncoder(nn.Module):
@@ -267,7 +268,7 @@ class TinyPoseFreeEncoder(nn.Module):
         t01 = se3_exp(tau)
         eye = torch.eye(4, dtype=img.dtype, device=img.device).expand(b, 4, 4)
         pred_c2w = torch.stack([eye, t01], 1)
-        offset = self.offset_head(feat).permute(0, 2, 3, 1).reshape(b, v, h * w, 3)
+        offset = rearrange(self.offset_head(feat), "(b v) c h w -> b v (h w) c", b=b)
         pts_cam = rays * depth[..., None]
         pts = pts_cam @ pred_c2w[:, :, :3, :3].transpose(-1, -2) + pred_c2w[:, :, None, :3, 3]
         pts = pts + 0.05 * offset * depth[..., None]

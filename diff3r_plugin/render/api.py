@@ -5,6 +5,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import ShapeError
+from ..gaussians.layout import GaussianParams
 from ..geometry.cameras import apply_pose_delta
 from ..geometry.sh import SHBasis
 from .common import Backend, RenderOutput, _broadcast_background, check_render_inputs, project
@@ -69,7 +70,9 @@ def render(
     raise ShapeError(f"unknown backend {backend!r}; expected 'torch', 'gsplat' or 'dense'")
 
 
-def pose_adjusted_extrinsics(params, extrinsics: Tensor) -> Tensor:
+def pose_adjusted_extrinsics(
+    params: GaussianParams, extrinsics: Float[Tensor, "batch view 4 4"]
+) -> Float[Tensor, "batch view 4 4"]:
     """Apply the layout's pose deltas to context views ``1..P`` (view 0 is the reference)."""
     p = params.pose.shape[1]
     if p == 0:
@@ -83,9 +86,18 @@ def pose_adjusted_extrinsics(params, extrinsics: Tensor) -> Tensor:
     return torch.cat([extrinsics[:, :1], moved, extrinsics[:, p + 1:]], dim=1)
 
 
-def render_params(params, extrinsics: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor,
-                  image_shape: tuple[int, int], background_color: Tensor | None = None, *,
-                  apply_pose: bool = True, **kwargs) -> RenderOutput:
+def render_params(
+    params: GaussianParams,
+    extrinsics: Float[Tensor, "batch view 4 4"],
+    intrinsics: Float[Tensor, "batch view 3 3"],
+    near: Float[Tensor, "batch view"],
+    far: Float[Tensor, "batch view"],
+    image_shape: tuple[int, int],
+    background_color: Tensor | None = None,
+    *,
+    apply_pose: bool = True,
+    **kwargs,
+) -> RenderOutput:
     """Render :class:`~diff3r_plugin.gaussians.GaussianParams` (pose deltas applied to views
     ``1..P`` when ``apply_pose``)."""
     if apply_pose:

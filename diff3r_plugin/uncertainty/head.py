@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -169,7 +170,7 @@ def features_from_gaussians(
         if aligned:
             if g != v * h * w:
                 raise ShapeError(f"pixel_aligned=True needs g == v*h*w = {v * h * w}, got {g}")
-            pixel = context_images.permute(0, 1, 3, 4, 2).reshape(b, g, 3).to(params.means)
+            pixel = rearrange(context_images, "b v c h w -> b (v h w) c").to(params.means)
             flag = flag + 1
     diff = (colour - pixel).abs().mean(-1, keepdim=True) * flag
     feats = [opacity, log_scales, dist, colour, rest, pixel, diff, flag]

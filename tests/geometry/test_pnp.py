@@ -96,6 +96,7 @@ def test_pnp_with_noise_stays_close_and_refinement_lowers_the_error():
                                atol=1e-12, rtol=0)
 
 
+@pytest.mark.user_errors
 def test_pnp_rejects_too_few_or_mismatched_matches():
     points, coords, _ = _scene(n=5)
     with pytest.raises(ShapeError, match="at least 6"):
