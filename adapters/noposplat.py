@@ -19,13 +19,12 @@
   ``last_poses``.
 """
 
-from __future__ import annotations
-
 import warnings
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from einops import reduce
+from jaxtyping import Float
 from torch import Tensor
 
 from diff3r_plugin.errors import ConfigError, ShapeError
@@ -33,12 +32,10 @@ from diff3r_plugin.geometry.cameras import invert_rigid
 from diff3r_plugin.geometry.pnp import solve_pnp
 from diff3r_plugin.geometry.projection import pixel_rays
 from diff3r_plugin.gaussians.layout import GaussianParams
+from diff3r_plugin.layer.views import ContextViews
 
 from .base import Adapter, Diff3RState
 from .registry import register_adapter
-
-if TYPE_CHECKING:
-    from diff3r_plugin.layer import ContextViews
 
 __all__ = ["NoPoSplatAdapter"]
 
@@ -70,7 +67,9 @@ class NoPoSplatAdapter(Adapter):
     def encoder_num_context_views(self, encoder: Any) -> int:
         return 3 if "Multi" in type(encoder).__name__ else 2
 
-    def normalize_images(self, images: Tensor) -> Tensor:
+    def normalize_images(
+        self, images: Float[Tensor, "batch view 3 height width"]
+    ) -> Float[Tensor, "batch view 3 height width"]:
         """Undo ``apply_normalize_shim``: ``x * std + mean`` (``x * 0.5 + 0.5`` by default)."""
         mean = torch.as_tensor(self.input_mean, dtype=images.dtype, device=images.device)
         std = torch.as_tensor(self.input_std, dtype=images.dtype, device=images.device)
@@ -78,7 +77,8 @@ class NoPoSplatAdapter(Adapter):
             mean, std = mean[:, None, None], std[:, None, None]
         return images * std + mean
 
-    def estimate_context_poses(self, views: ContextViews, gaussians: Any) -> Tensor:
+    def estimate_context_poses(self, views: ContextViews, gaussians: Any
+                               ) -> Float[Tensor, "batch view 4 4"]:
         """``[b, v, 4, 4]`` context c2w: identity for view 0, PnP on the predicted means otherwise."""
         b, v = views.batch, views.num_views
         h, w = views.image_shape
@@ -113,7 +113,5 @@ class NoPoSplatAdapter(Adapter):
             extr[:, 0] = torch.eye(4, dtype=extr.dtype, device=extr.device)
         else:
             extr = self.estimate_context_poses(views, gaussians)
-        from diff3r_plugin.layer import ContextViews
-
         return ContextViews(views.images, extr, views.intrinsics, views.near, views.far,
                             views.background, views.sh_basis, views.weights)
