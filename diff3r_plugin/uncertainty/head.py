@@ -117,7 +117,7 @@ class UncertaintyHead(nn.Module):
         lam = self.floor + F.softplus(torch.cat(parts, dim=1))
         return lam
 
-    def as_params(self, lam: Tensor, num_gaussians: int) -> GaussianParams:
+    def as_params(self, lam: Float[Tensor, "batch n"], num_gaussians: int) -> GaussianParams:
         """Lambda in group shape (for inspection and logging)."""
         return GaussianParams.unflatten(lam, self.layout(num_gaussians))
 
