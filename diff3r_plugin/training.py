@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import Diff3RConfig
-from .evaluation.metrics import compute_lpips, lpips_available
+from .evaluation.metrics import lpips_available
 from .gaussians.layout import GaussianParams, from_upstream
 from .layer import ContextViews, diff3r_layer
 from .render.api import render_params

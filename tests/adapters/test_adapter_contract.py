@@ -12,6 +12,7 @@ from diff3r_plugin.adapters import (Adapter, available_adapters, detect_adapter,
                                     unwrap_encoder)
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import ConfigError, ShapeError, UnknownAdapterError
+from diff3r_plugin.uncertainty import UncertaintyHead
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
@@ -241,14 +242,14 @@ def test_gradients_reach_encoder_and_head(name, monkeypatch):
     assert sum(float(g.abs().sum()) for g in head_grads) > 0
 
 
-def test_real_uncertainty_head_if_present():
-    unc = pytest.importorskip("diff3r_plugin.uncertainty")
-    if not hasattr(unc, "UncertaintyHead"):
-        pytest.skip("diff3r_plugin.uncertainty.UncertaintyHead not available yet")
+def test_built_in_uncertainty_head_is_attached_and_trained():
     enc = _wrapped("mvsplat", config=dataclasses.replace(FAST, lambda_mode="predicted"))
+    assert isinstance(enc.diff3r_head, UncertaintyHead)
     out = enc(uf.context_for("mvsplat"), 0)
     out.means.sum().backward()
-    assert any(p.grad is not None for p in enc.diff3r_parameters())
+    grads = [p.grad for p in enc.diff3r_parameters()]
+    assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def test_missing_context_images_is_a_clear_error():
