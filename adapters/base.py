@@ -284,7 +284,7 @@ class Adapter:
     # ------------------------------------------------------------------ TTO
     def apply_tto(self, output: Any, context: Any, state: Diff3RState) -> Any:
         """Run Diff3R on one encoder output and return it in the upstream form."""
-        from diff3r_plugin.layer import diff3r_layer
+        from diff3r_plugin.layer import Diff3RLayer
 
         config = state.config
         gaussians, rebuild = self.unwrap_output(output)
@@ -305,10 +305,7 @@ class Adapter:
             sub_views = self.prepare_views(sub_views, sub, params, state)
             init_poses.append(sub_views.extrinsics.detach())
             lam = self.compute_lambda(params, sub_views, config, head)
-            theta0 = params.flatten()
-            layout = params.layout
-            theta_star, info = diff3r_layer(theta0, lam, sub_views, layout, config)
-            star = GaussianParams.unflatten(theta_star, layout)
+            star, info = Diff3RLayer(config)(params, lam, sub_views)
             if n_pose:
                 from diff3r_plugin.render.api import pose_adjusted_extrinsics
 
