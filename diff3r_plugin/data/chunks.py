@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..errors import DataError, NonFiniteError, ShapeError
 from ..geometry.cameras import check_cameras
+from .example import upstream_example, upstream_views
 
 __all__ = [
     "ChunkDataset",
@@ -101,7 +102,7 @@ class EvalEntry:
 # --------------------------------------------------------------------------------------------
 
 
-def _short(text: str, limit: int = 300) -> str:
+def _short(text: object, limit: int = 300) -> str:
     # torch.load's unpickling errors can be pages long; the first lines carry the cause.
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -540,20 +541,15 @@ def _build_example(
         if image_shape is not None and image_shape != scene.image_shape:
             images, intrinsics = _rescale_and_crop(images, intrinsics, image_shape)
         v = len(indices)
-        return {
-            "extrinsics": scene.extrinsics[pos][None],
-            "intrinsics": intrinsics[None],
-            "image": images[None],
-            "near": torch.full((1, v), float(near), dtype=torch.float32),
-            "far": torch.full((1, v), float(far), dtype=torch.float32),
-            "index": torch.tensor([indices], dtype=torch.int64),
-        }
+        return upstream_views(images, scene.extrinsics[pos], intrinsics,
+                              torch.full((v,), float(near), dtype=torch.float32),
+                              torch.full((v,), float(far), dtype=torch.float32), indices)
 
     context = views(entry.context)
     if isinstance(entry.overlap, float):
         # NoPoSplat's evaluation reads context["overlap"] as a [batch, 1] tensor.
         context["overlap"] = torch.tensor([[entry.overlap]], dtype=torch.float32)
-    return {"context": context, "target": views(entry.target), "scene": [scene.key]}
+    return upstream_example(context, views(entry.target), scene.key)
 
 
 def make_example(

@@ -18,11 +18,11 @@ not unique (see :class:`_SafeEigh`).
 
 import operator
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import (ConfigError, DTypeError, InvalidCovarianceError, LayoutMismatchError,
@@ -187,13 +187,13 @@ class GaussianParams:
     def unflatten(cls, vector: Float[Tensor, "batch n"], layout: GaussianLayout) -> "GaussianParams":
         return cls(**layout.split(vector))
 
-    def scales(self) -> Tensor:
+    def scales(self) -> Float[Tensor, "batch gaussian 3"]:
         return self.log_scales.exp()
 
-    def opacities(self) -> Tensor:
+    def opacities(self) -> Float[Tensor, "batch gaussian"]:
         return torch.sigmoid(self.opacity_logits)
 
-    def rotations(self) -> Tensor:
+    def rotations(self) -> Float[Tensor, "batch gaussian 3 3"]:
         return quat_to_rotmat(self.quats)
 
     def covariances(self) -> Float[Tensor, "batch gaussian 3 3"]:
@@ -321,7 +321,7 @@ class UpstreamExtras:
     that floor before the log (with a warning).
     """
 
-    harmonics_high: Tensor
+    harmonics_high: Float[Tensor, "batch gaussian 3 d_high"]
     num_projected: int = 0
     num_opacity_clamped: int = 0
     num_scales_clamped: int = 0
@@ -337,18 +337,24 @@ def _check_float(name: str, t: Tensor) -> None:
         raise NonFiniteError(f"{name} contains {bad} NaN/Inf value(s)")
 
 
-def check_covariances(covariances: Tensor, *, rel_tol: float = 1e-13, name: str = "covariances") -> Tensor:
+def check_covariances(
+    covariances: Float[Tensor, "*batch 3 3"], *, rel_tol: float = 1e-13, name: str = "covariances"
+) -> Bool[Tensor, "*batch"]:
     """Boolean mask ``[...]`` of covariances that are not symmetric positive definite.
 
-    Checked in float64, so flat but valid Gaussians (scale ratios of 1e4 and more, i.e.
-    eigenvalue ratios of 1e8) are accepted.
+    The one SPD criterion of the package (the renderers' input check uses it too), in float64:
+    with ``m = max_ij |C_ij|``, a covariance is accepted when ``|C - C^T| <= 1e-4 m`` entrywise
+    and ``sym(C) - rel_tol m I`` has a Cholesky factor, i.e. ``lambda_min > rel_tol m``
+    (``m <= lambda_max <= 3 m``). Flat but valid Gaussians (scale ratios of 1e4 and more, i.e.
+    eigenvalue ratios of 1e8) are accepted; a zero or negative eigenvalue is not.
     """
     c = covariances.detach().double()
     asym = (c - c.transpose(-1, -2)).abs().amax((-1, -2))
     mag = c.abs().amax((-1, -2)).clamp_min(1e-30)
-    evals = torch.linalg.eigvalsh(0.5 * (c + c.transpose(-1, -2)))
-    bad = (asym > 1e-4 * mag) | (evals[..., 0] <= rel_tol * evals[..., -1].abs().clamp_min(1e-30))
-    return bad
+    shifted = 0.5 * (c + c.transpose(-1, -2)) - (rel_tol * mag)[..., None, None] * torch.eye(
+        3, dtype=c.dtype, device=c.device)
+    _, info = torch.linalg.cholesky_ex(shifted)
+    return (asym > 1e-4 * mag) | (info != 0)
 
 
 def from_upstream(
@@ -471,7 +477,8 @@ def from_upstream(
 
 def to_upstream(
     params: GaussianParams, extras: UpstreamExtras | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Float[Tensor, "batch gaussian 3"], Float[Tensor, "batch gaussian 3 3"],
+           Float[Tensor, "batch gaussian 3 d_sh"], Float[Tensor, "batch gaussian"]]:
     """Back to ``(means, covariances, harmonics, opacities)`` of the upstream ``Gaussians``.
 
     Raises :class:`ValueRangeError` for a zero quaternion (see :func:`check_quaternions`)."""
@@ -511,6 +518,6 @@ def random_params(
 
 __all__ = [
     "GROUPS", "GaussianLayout", "GaussianParams", "UpstreamExtras", "build_covariance",
-    "check_covariances", "check_quaternions", "from_upstream", "quat_to_rotmat", "random_params", "replace",
+    "check_covariances", "check_quaternions", "from_upstream", "quat_to_rotmat", "random_params",
     "rotmat_to_quat", "to_upstream",
 ]

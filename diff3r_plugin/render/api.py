@@ -7,7 +7,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import DTypeError, NonFiniteError, ShapeError
-from ..gaussians.layout import check_quaternions
+from ..gaussians.layout import GaussianParams, check_quaternions
 from ..geometry.cameras import apply_pose_delta
 from ..geometry.sh import MAX_RENDER_DEGREE, SHBasis, degree_from_coeffs, num_coeffs
 from .common import Backend, RenderOutput, _broadcast_background, check_render_inputs, project
@@ -139,7 +139,9 @@ def _cameras_in_dtype_of(means, extrinsics, intrinsics, near, far, background, *
     return cast(extrinsics), cast(intrinsics), cast(near), cast(far), cast(background)
 
 
-def pose_adjusted_extrinsics(params, extrinsics: Tensor) -> Tensor:
+def pose_adjusted_extrinsics(
+    params: GaussianParams, extrinsics: Float[Tensor, "batch view 4 4"]
+) -> Float[Tensor, "batch view 4 4"]:
     """Apply the layout's pose deltas to context views ``1..P`` (view 0 is the reference)."""
     p = params.pose.shape[1]
     if p == 0:
@@ -153,9 +155,18 @@ def pose_adjusted_extrinsics(params, extrinsics: Tensor) -> Tensor:
     return torch.cat([extrinsics[:, :1], moved, extrinsics[:, p + 1:]], dim=1)
 
 
-def render_params(params, extrinsics: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor,
-                  image_shape: tuple[int, int], background_color: Tensor | None = None, *,
-                  apply_pose: bool = True, **kwargs) -> RenderOutput:
+def render_params(
+    params: GaussianParams,
+    extrinsics: Float[Tensor, "batch view 4 4"],
+    intrinsics: Float[Tensor, "batch view 3 3"],
+    near: Float[Tensor, "batch view"],
+    far: Float[Tensor, "batch view"],
+    image_shape: tuple[int, int],
+    background_color: Tensor | None = None,
+    *,
+    apply_pose: bool = True,
+    **kwargs,
+) -> RenderOutput:
     """Render :class:`~diff3r_plugin.gaussians.GaussianParams` (pose deltas applied to views
     ``1..P`` when ``apply_pose``)."""
     check_quaternions(params.quats, "params.quats")

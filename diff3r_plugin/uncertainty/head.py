@@ -20,10 +20,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError, ValueRangeError
+from ..geometry.sh import C0
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 
 __all__ = ["UncertaintyHead", "features_from_gaussians", "NUM_GAUSSIAN_FEATURES",
@@ -122,7 +124,7 @@ class UncertaintyHead(nn.Module):
         lam = self.floor + F.softplus(torch.cat(parts, dim=1))
         return lam
 
-    def as_params(self, lam: Tensor, num_gaussians: int) -> GaussianParams:
+    def as_params(self, lam: Float[Tensor, "batch n"], num_gaussians: int) -> GaussianParams:
         """Lambda in group shape (for inspection and logging)."""
         return GaussianParams.unflatten(lam, self.layout(num_gaussians))
 
@@ -165,7 +167,7 @@ def features_from_gaussians(
     else:
         origin = params.means.new_zeros(b, 1, 3)
     dist = (params.means - origin).norm(dim=-1, keepdim=True).clamp_min(1e-6).log()
-    colour = 0.5 + 0.28209479177387814 * params.sh_dc[..., 0]
+    colour = 0.5 + C0 * params.sh_dc[..., 0]
     rest = params.sh_rest.pow(2).sum((-1, -2)).add(1e-12).sqrt()[..., None]
     pixel = params.means.new_zeros(b, g, 3)
     flag = params.means.new_zeros(b, g, 1)
@@ -175,7 +177,7 @@ def features_from_gaussians(
         if aligned:
             if g != v * h * w:
                 raise ShapeError(f"pixel_aligned=True needs g == v*h*w = {v * h * w}, got {g}")
-            pixel = context_images.permute(0, 1, 3, 4, 2).reshape(b, g, 3).to(params.means)
+            pixel = rearrange(context_images, "b v c h w -> b (v h w) c").to(params.means)
             flag = flag + 1
     diff = (colour - pixel).abs().mean(-1, keepdim=True) * flag
     feats = [opacity, log_scales, dist, colour, rest, pixel, diff, flag]
