@@ -24,7 +24,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError, ValueRangeError
 from ..geometry.sh import C0
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 
@@ -37,8 +37,8 @@ _GAUSSIAN_GROUPS = tuple(g for g in GROUPS if g != "pose")
 
 def inverse_softplus(y: float) -> float:
     """``x`` with ``softplus(x) == y`` (``y > 0``), numerically stable for large ``y``."""
-    if y <= 0:
-        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
+    if not y > 0:
+        raise ValueRangeError(f"inverse_softplus needs y > 0, got {y}")
     if y > 20:
         return y + math.log(-math.expm1(-y))
     return math.log(math.expm1(y))
@@ -63,11 +63,18 @@ class UncertaintyHead(nn.Module):
                  init: float = 1.0, hidden: int = 32):
         super().__init__()
         if granularity not in ("group", "parameter"):
-            raise ValueError(f"granularity must be 'group' or 'parameter', got {granularity!r}")
+            raise ConfigError(f"UncertaintyHead: granularity must be 'group' or 'parameter', got {granularity!r}")
+        for name, value in (("floor", floor), ("init", init)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"UncertaintyHead: {name} must be a finite float, got {value!r}")
         if not floor > 0:
-            raise ValueError(f"floor must be > 0, got {floor}")
+            raise ConfigError(f"UncertaintyHead: floor must be > 0 (Lambda = floor + softplus(x) must "
+                              f"stay strictly positive), got {floor}")
         if not init > floor:
-            raise ValueError(f"init ({init}) must be > floor ({floor})")
+            raise ConfigError(f"UncertaintyHead: init ({init}) must be > floor ({floor})")
+        for name, value in (("in_features", in_features), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"UncertaintyHead: {name} must be an int >= 1, got {value!r}")
         self.init_kwargs = dict(in_features=int(in_features), sh_degree=int(sh_degree),
                                 num_pose_views=int(num_pose_views), granularity=granularity,
                                 floor=float(floor), init=float(init), hidden=int(hidden))
