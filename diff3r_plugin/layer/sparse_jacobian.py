@@ -284,34 +284,3 @@ class SparseJacobian:
             per_view = (pix * pix).sum(1).reshape(b, v, h * w, 6).sum(2)
             out = torch.cat([out, per_view[:, 1:npv + 1].reshape(b, -1)], 1)
         return out
-
-
-def block_preconditioner(blocks: Tensor, diag: Tensor, slots: Tensor):
-    """``M^-1`` of a block-Jacobi preconditioner as a callable ``(r, idx) -> z`` for PCG.
-
-    Args:
-        blocks: ``[b, G, n_i, n_i]`` per-Gaussian blocks of the system matrix (SPD).
-        diag: ``[b, n]`` its full diagonal; entries outside the blocks (the pose group) use it
-            as a plain Jacobi preconditioner.
-        slots: ``[G, n_i]`` flat indices of each block's entries.
-
-    A block whose Cholesky factorization fails (not numerically positive definite) falls back
-    to its diagonal.
-    """
-    blocks = blocks.detach().double()
-    diag = diag.detach()
-    chol, info = torch.linalg.cholesky_ex(blocks)
-    bad = info != 0
-    if bool(bad.any()):
-        fallback = torch.diag_embed(torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(
-            torch.finfo(blocks.dtype).tiny).sqrt())
-        chol = torch.where(bad[..., None, None], fallback, chol)
-    flat = slots.reshape(-1)
-
-    def apply(r: Tensor, idx: Tensor) -> Tensor:
-        z = r / diag.index_select(0, idx)
-        rb = r[:, slots].double()[..., None]
-        zb = torch.cholesky_solve(rb, chol.index_select(0, idx))[..., 0].to(r.dtype)
-        return z.index_copy(1, flat, zb.reshape(r.shape[0], -1))
-
-    return apply
