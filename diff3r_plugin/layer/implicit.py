@@ -40,15 +40,24 @@ def report(policy: str, message: str, info: Diff3RInfo, error: type) -> None:
 def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo,
                    theta_star: Float[Tensor, "batch param"], theta0: Float[Tensor, "batch param"],
                    lam: Float[Tensor, "batch param"], grad: Float[Tensor, "batch param"],
-                   x0: Float[Tensor, "batch param"] | None = None) -> Float[Tensor, "batch param"]:
+                   x0: Float[Tensor, "batch param"] | None = None,
+                   operator: HessianOperator | None = None) -> Float[Tensor, "batch param"]:
     """Solve ``H v = grad`` per scene at ``theta_star`` (from ``x0`` if given) and record the
-    solve in ``info.backward_record``."""
+    solve in ``info.backward_record``.
+
+    ``operator``: an undamped operator already built at ``theta_star`` (the LM forward's last
+    one), used when its products are those the backward needs (``sparse``, Gauss-Newton).
+    """
     t0 = time.perf_counter()
     record = info.backward_record
     with torch.inference_mode(False), torch.enable_grad():
         grad = grad.detach()
-        op = HessianOperator(obj, theta_star.detach(), theta0.detach(), lam.detach(), config,
-                             generator=torch.Generator(device="cpu").manual_seed(0))
+        reuse = (operator is not None and operator.damping is None and config.hessian == "gauss_newton"
+                 and operator.product == config.resolved(obj.backend).matvec)
+        op = operator if reuse else HessianOperator(
+            obj, theta_star.detach(), theta0.detach(), lam.detach(), config,
+            generator=torch.Generator(device="cpu").manual_seed(0))
+        op.num_matvecs = 0
         precond = op.preconditioner()
         with part("implicit_backward"):
             v, res = pcg(op, grad, precond=precond, x0=x0, tol=config.pcg_tol,
@@ -99,7 +108,7 @@ class ImplicitFunction(torch.autograd.Function):
         theta0, lam, theta_star = ctx.saved_tensors
         state = ctx.state
         v = implicit_solve(state["objective"], state["config"], state["info"], theta_star, theta0,
-                           lam, grad_out, x0=state.get("warm_start"))
+                           lam, grad_out, x0=state.get("warm_start"), operator=state.get("operator"))
         grad_theta0 = lam * v if ctx.needs_input_grad[0] else None
         grad_lam = -(theta_star - theta0) * v if ctx.needs_input_grad[1] else None
         return grad_theta0, grad_lam, None, None

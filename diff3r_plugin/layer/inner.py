@@ -29,6 +29,7 @@ class InnerResult:
     energy: Tensor
     nan_rollbacks: Tensor
     grad: Tensor | None = None  # [b, n] detached gradient of E at ``theta`` (where the solve ended)
+    operator: "HessianOperator | None" = None  # the undamped operator at ``theta`` (sparse LM), for the backward
 
 
 def _energy_and_grad(obj: Objective, theta: Tensor, theta0: Tensor, lam: Tensor, sqrt_w,
@@ -196,7 +197,10 @@ def lm_solve(obj: Objective, theta0: Float[Tensor, "batch param"], lam: Float[Te
             op = point(theta)[3] if sparse else None
     if not create_graph:
         theta = theta.detach()
-    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
+    # With sparse products the last operator is at the final iterate: the implicit backward
+    # reuses its Jacobian and blocks instead of building them a second time.
+    final = op if (sparse and not create_graph) else None
+    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach(), final)
 
 
 class _SolveDerivative(torch.autograd.Function):

@@ -146,7 +146,7 @@ def diff3r_layer(theta0: Float[Tensor, "batch param"], lam: Float[Tensor, "batch
         return (theta0.clone() if wants_grad else theta0.detach().clone()), info
     theta_star = res.theta.detach()
     if wants_grad:
-        state = {"objective": obj, "config": config, "info": info,
+        state = {"objective": obj, "config": config, "info": info, "operator": res.operator,
                  "warm_start": None if warm_start is None else warm_start.detach().to(theta0.dtype).clone()}
         theta_star = ImplicitFunction.apply(theta0, lam, theta_star, state)
     return theta_star, info

@@ -196,3 +196,30 @@ def test_layer_reports_the_products_and_preconditioner_it_used():
     with pytest.raises(ConfigError, match="hessian='exact' needs the torch backend"):
         HessianOperator(Objective(obj.views, layout, backend="gsplat"), theta, theta, lam.detach(),
                         Diff3RConfig(hessian="exact"))
+
+
+@pytest.mark.parametrize("solver", ["lm", "adam"])
+def test_one_jacobian_per_linearization_point(solver, monkeypatch):
+    """LM builds one Jacobian at theta0 and one per candidate; the implicit backward reuses the
+    forward's last one (at theta*), so it builds none after LM and exactly one after Adam."""
+    from diff3r_plugin.layer.sparse_jacobian import SparseJacobian
+    obj, layout, theta = problem(gaussians=30, size=12, pose_views=0, sh_degree=0, robust="none", batch=1)
+    builds = []
+    original = SparseJacobian.build.__func__
+
+    def counting(cls, *args, **kwargs):
+        builds.append(1)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SparseJacobian, "build", classmethod(counting))
+    theta0 = theta.clone().requires_grad_(True)
+    cfg = Diff3RConfig(steps=4, inner_solver=solver, stationarity_tol=0.0, pcg_tol=1e-6, pcg_maxiter=500)
+    out, info = diff3r_layer(theta0, torch.full_like(theta, 0.5), obj.views, layout, cfg)
+    forward = len(builds)
+    out.square().sum().backward()
+    if solver == "lm":
+        # No relinearization at a mixed iterate with one scene: 1 + one per step taken.
+        assert forward == 1 + int(info.inner_steps[0]) and len(builds) == forward
+    else:
+        assert forward == 0 and len(builds) == 1
+    assert bool(info.pcg_converged.all()) and torch.isfinite(theta0.grad).all()
