@@ -31,7 +31,7 @@ from ..errors import InvalidLambdaError, LayoutMismatchError, NonFiniteError, So
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 from ..profiling import part
 from .diagnostics import Diff3RInfo, gradient_breakdown, scene_extent
-from .implicit import ImplicitFunction, implicit_solve, report
+from .implicit import ImplicitFunction, report
 from .inner import adam_solve, lm_solve
 from .objective import Objective
 from .probe import plan_changes
