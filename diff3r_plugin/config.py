@@ -375,7 +375,8 @@ class Diff3RConfig(_Section):
         stationarity_tol: Gradient-norm tolerance at which the inner solve counts as stationary.
         lr: Per-attribute Adam learning rates.
         means_lr_scale: Scale the means' rate by the scene extent (``"scene_extent"``) or not.
-        lm_damping: Levenberg-Marquardt damping added to the Gauss-Newton diagonal.
+        lm_damping: Initial Levenberg-Marquardt damping ``mu`` of ``mu D`` on the Gauss-Newton
+            diagonal (divided by 3 after an accepted step, multiplied by 4 after a rejected one).
         lm_pcg_iters: Maximum PCG iterations per LM step.
         lm_pcg_tol: Relative residual at which the PCG of an LM step stops.
         backward: ``"implicit"`` (IFT + PCG) or ``"unroll"`` (backprop through K steps).
@@ -415,13 +416,13 @@ class Diff3RConfig(_Section):
 
     enabled: bool = True
     adapter: str = "auto"
-    steps: int = field(default=20, metadata=_bound(ge=0))
+    steps: int = field(default=2, metadata=_bound(ge=0))
     inner_solver: Literal["adam", "lm"] = "lm"
     stationarity_tol: float = field(default=1e-4, metadata=_bound(ge=0))
     lr: LearningRates = field(default_factory=LearningRates)
     means_lr_scale: Literal["scene_extent", "none"] = "scene_extent"
-    lm_damping: float = field(default=1e-3, metadata=_bound(gt=0))
-    lm_pcg_iters: int = field(default=50, metadata=_bound(ge=1))
+    lm_damping: float = field(default=3.0, metadata=_bound(gt=0))
+    lm_pcg_iters: int = field(default=10, metadata=_bound(ge=1))
     lm_pcg_tol: float = field(default=1e-2, metadata=_bound(gt=0, lt=1))
     backward: Literal["implicit", "unroll"] = "implicit"
     hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
@@ -430,7 +431,7 @@ class Diff3RConfig(_Section):
     precond: Literal["block_jacobi", "jacobi", "none"] = "block_jacobi"
     precond_probes: int = field(default=8, metadata=_bound(ge=1))
     pcg_tol: float = field(default=1e-3, metadata=_bound(gt=0, lt=1))
-    pcg_maxiter: int = field(default=100, metadata=_bound(ge=1))
+    pcg_maxiter: int = field(default=20, metadata=_bound(ge=1))
     pcg_check_every: int = field(default=5, metadata=_bound(ge=1))
     robust: Literal["none", "huber"] = "none"
     huber_delta: float = field(default=0.1, metadata=_bound(gt=0))

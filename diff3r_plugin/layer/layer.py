@@ -70,7 +70,7 @@ def _visibility_staleness(obj: Objective, theta_star: Tensor) -> tuple[Tensor, T
     return plan_changes(frozen, current, theta_star.shape[0], obj.views.num_views * h * w)
 
 
-def diff3r_layer(theta0: Float[Tensor, "batch param"], lam: Float[Tensor, "batch param"], views: ContextViews,
+def diff3r_layer(theta0: Float[Tensor, "batch param"], lam: Float[Tensor, "batch param"], views: ContextViews | None,
                  layout: GaussianLayout, config: Diff3RConfig | None = None, *, backend: str | None = None,
                  warm_start: Float[Tensor, "batch param"] | None = None
                  ) -> tuple[Float[Tensor, "batch param"], Diff3RInfo]:
@@ -200,7 +200,7 @@ class Diff3RLayer(nn.Module):
         self.config = config
 
     def forward(self, theta0: Float[Tensor, "batch param"] | GaussianParams,
-                lam: Float[Tensor, "batch param"] | GaussianParams, views: ContextViews,
+                lam: Float[Tensor, "batch param"] | GaussianParams, views: ContextViews | None,
                 layout: GaussianLayout | None = None, warm_start: Float[Tensor, "batch param"] | None = None
                 ) -> tuple[Float[Tensor, "batch param"] | GaussianParams, Diff3RInfo]:
         """``warm_start``: optional flat ``[b, n]`` initial guess of the implicit backward's PCG

@@ -27,8 +27,9 @@ K = 2  # random directions for theta0 and for Lambda each
 # The energy has small jumps (pairs crossing alpha = 1/255, depth-order swaps), so central
 # differences of the solution map are valid only while every perturbed solve stays on one smooth
 # branch; with this seed that holds for LM with products through the renderer ("autodiff").
+# The LM settings are pinned (not the option file's training defaults, which take two short steps).
 CONVERGED = dict(steps=15, inner_solver="lm", stationarity_tol=1e-10, pcg_tol=1e-10, pcg_maxiter=2000,
-                 matvec="autodiff")
+                 matvec="autodiff", lm_damping=1e-3, lm_pcg_iters=50)
 
 
 def _expand(t, b):
@@ -277,7 +278,7 @@ def test_unrolled_sparse_lm_matches_finite_differences_of_its_steps(prob):
     convergence needed) must agree. The damping term mu * diag is held constant in the
     derivative; with mu <= 1e-3 that leaves a gap far below the tolerance."""
     steps = 4
-    cfg = dict(steps=steps, inner_solver="lm", stationarity_tol=0.0, matvec="sparse",
+    cfg = dict(steps=steps, inner_solver="lm", stationarity_tol=0.0, matvec="sparse", lm_damping=1e-3,
                lm_pcg_tol=1e-13, lm_pcg_iters=500, precond="block_jacobi")
     theta0, lam, layout = prob["theta0"], prob["lam"], prob["layout"]
     t_leaf = theta0.clone().requires_grad_(True)
