@@ -76,6 +76,7 @@ def test_invalid_lambda_names_the_group(prob, group, value, kind):
     assert kind in str(exc.value)
 
 
+@pytest.mark.user_errors
 def test_layout_mismatches(prob):
     theta0, lam, views, layout = prob["theta0"], prob["lam"], prob["views"], prob["layout"]
     cfg = Diff3RConfig(**FAST)
@@ -96,6 +97,7 @@ def test_layout_mismatches(prob):
         Diff3RLayer(cfg)(theta0, lam, views)  # flat vectors without a layout
 
 
+@pytest.mark.user_errors
 def test_views_without_images(prob):
     views = replace_views(prob["views"], images=None)
     with pytest.raises(ShapeError, match="images"):
@@ -113,6 +115,7 @@ def test_images_normalized_to_minus_one_one(prob):
     assert "[-1, 1]" in msg and "0.5" in msg and "normaliz" in msg
 
 
+@pytest.mark.user_errors
 def test_mismatched_view_counts(prob):
     views = prob["views"]
     three = torch.cat([views.extrinsics, views.extrinsics[:, :1]], 1)
