@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from diff3r_plugin.config import Diff3RConfig
+from diff3r_plugin.config import Diff3RConfig, require_head
 from diff3r_plugin.errors import ConfigError, ShapeError
 from diff3r_plugin.gaussians.layout import GaussianParams, UpstreamExtras, from_upstream, to_upstream
 from diff3r_plugin.geometry.sh import MAX_RENDER_DEGREE, degree_from_coeffs
@@ -262,10 +262,7 @@ class Adapter:
         """Lambda ``[b, n]``: a constant, or the head applied to per-Gaussian features."""
         theta0 = params.flatten()
         if config.lambda_mode == "constant" or head is None:
-            if config.lambda_mode == "predicted":
-                raise ConfigError(
-                    f"{self.name}: diff3r.lambda_mode='predicted' needs an uncertainty head, but none "
-                    "is attached; pass head= to wrap_encoder or set diff3r.lambda_mode=constant")
+            require_head(config.lambda_mode, head, self.name)
             return torch.full_like(theta0.detach(), config.constant_lambda)
         from diff3r_plugin.uncertainty import features_from_gaussians  # lazy: optional module
 

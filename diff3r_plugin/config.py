@@ -24,6 +24,7 @@ __all__ = [
     "HeadConfig",
     "LearningRates",
     "load_from_hydra",
+    "require_head",
 ]
 
 # Field metadata keys understood by the validator. Bounds live next to the field so the
@@ -390,7 +391,8 @@ class Diff3RConfig(_Section):
         stationarity_tol: Gradient-norm tolerance at which the inner solve counts as stationary.
         lr: Per-attribute Adam learning rates.
         means_lr_scale: Scale the means' rate by the scene extent (``"scene_extent"``) or not.
-        lm_damping: Levenberg-Marquardt damping added to the Gauss-Newton diagonal.
+        lm_damping: Initial Levenberg-Marquardt damping ``mu`` of ``mu D`` on the Gauss-Newton
+            diagonal (divided by 3 after an accepted step, multiplied by 4 after a rejected one).
         lm_pcg_iters: Maximum PCG iterations per LM step.
         lm_pcg_tol: Relative residual at which the PCG of an LM step stops.
         backward: ``"implicit"`` (IFT + PCG) or ``"unroll"`` (backprop through K steps).
@@ -430,13 +432,13 @@ class Diff3RConfig(_Section):
 
     enabled: bool = True
     adapter: str = "auto"
-    steps: int = field(default=20, metadata=_bound(ge=0))
+    steps: int = field(default=2, metadata=_bound(ge=0))
     inner_solver: Literal["adam", "lm"] = "lm"
     stationarity_tol: float = field(default=1e-4, metadata=_bound(ge=0))
     lr: LearningRates = field(default_factory=LearningRates)
     means_lr_scale: Literal["scene_extent", "none"] = "scene_extent"
-    lm_damping: float = field(default=1e-3, metadata=_bound(gt=0))
-    lm_pcg_iters: int = field(default=50, metadata=_bound(ge=1))
+    lm_damping: float = field(default=3.0, metadata=_bound(gt=0))
+    lm_pcg_iters: int = field(default=10, metadata=_bound(ge=1))
     lm_pcg_tol: float = field(default=1e-2, metadata=_bound(gt=0, lt=1))
     backward: Literal["implicit", "unroll"] = "implicit"
     hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
@@ -445,7 +447,7 @@ class Diff3RConfig(_Section):
     precond: Literal["block_jacobi", "jacobi", "none"] = "block_jacobi"
     precond_probes: int = field(default=8, metadata=_bound(ge=1))
     pcg_tol: float = field(default=1e-3, metadata=_bound(gt=0, lt=1))
-    pcg_maxiter: int = field(default=100, metadata=_bound(ge=1))
+    pcg_maxiter: int = field(default=20, metadata=_bound(ge=1))
     pcg_check_every: int = field(default=5, metadata=_bound(ge=1))
     robust: Literal["none", "huber"] = "none"
     huber_delta: float = field(default=0.1, metadata=_bound(gt=0))
@@ -458,6 +460,75 @@ class Diff3RConfig(_Section):
     head: HeadConfig = field(default_factory=HeadConfig)
     progress: bool = False
     optimize_pose: bool = True
+
+    def _check_cross_field(self, path: str) -> None:
+        # The combinations no backend can run are errors here, at construction, instead of in
+        # the forward or, worse, in the backward after a whole inner solve.
+        self._resolve(self.backend, path)
+
+    def _resolve(self, backend: str, path: str = "diff3r") -> tuple[Dict[str, str], List[str]]:
+        """The single place of the backend rules: the settings to change and why (notes), or a
+        ConfigError for a combination that cannot run on ``backend``."""
+        if backend not in ("torch", "gsplat"):
+            raise ConfigError(f"{path}.backend must be one of 'torch', 'gsplat'; got {backend!r}."
+                              + _did_you_mean(str(backend), ["torch", "gsplat"]))
+        changes: Dict[str, str] = {}
+        notes: List[str] = []
+        if backend != "torch":
+            if self.hessian == "exact":
+                raise ConfigError(
+                    f"{path}.hessian='exact' needs the torch backend (double backward through the "
+                    f"renderer); backend {backend!r} has a first-order backward only. Use "
+                    f"{path}.hessian=gauss_newton with it.")
+            if self.visibility == "frozen":
+                raise ConfigError(
+                    f"visibility='frozen' needs the torch backend (it holds the torch renderer's pair "
+                    f"list fixed); backend {backend!r} sorts inside its own kernel. Use "
+                    f"{path}.visibility=per_step with it.")
+            if self.matvec != "finite_difference":
+                changes["matvec"] = "finite_difference"
+                notes.append(f"{path}.matvec={self.matvec!r} needs the torch renderer's forward-mode "
+                             f"derivatives; backend {backend!r} uses 'finite_difference' products")
+        matvec = changes.get("matvec", self.matvec)
+        if self.precond == "block_jacobi" and (self.hessian != "gauss_newton" or matvec != "sparse"):
+            changes["precond"] = "jacobi"
+            why = "hessian='exact'" if self.hessian != "gauss_newton" else f"matvec={matvec!r}"
+            notes.append(f"{path}.precond='block_jacobi' needs the explicit Gauss-Newton blocks "
+                         f"(matvec='sparse', hessian='gauss_newton'); with {why} the diagonal "
+                         "'jacobi' preconditioner is used")
+        if backend != self.backend:
+            changes["backend"] = backend
+        return changes, notes
+
+    def resolved(self, backend: Optional[str] = None) -> "Diff3RConfig":
+        """The settings actually used on ``backend`` (default: ``self.backend``).
+
+        Renderers other than the torch one have a first-order backward only, so their
+        products are finite differences; block-Jacobi needs the explicit Gauss-Newton blocks
+        (``matvec="sparse"``, ``hessian="gauss_newton"``) and is otherwise replaced by the
+        diagonal Jacobi preconditioner. :meth:`resolution_notes` says what changed (the layer
+        reports it in ``info.messages``); a combination that cannot run raises ConfigError.
+        """
+        changes, _ = self._resolve(self.backend if backend is None else backend)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def resolution_notes(self, backend: Optional[str] = None) -> List[str]:
+        """Why :meth:`resolved` changed a setting on ``backend`` (empty when nothing changed)."""
+        return self._resolve(self.backend if backend is None else backend)[1]
+
+
+def require_head(lambda_mode: str, head: Any, who: str = "diff3r") -> None:
+    """The rule "predicted Lambda needs an uncertainty head", as a ConfigError.
+
+    Args:
+        lambda_mode: ``"predicted"`` or ``"constant"`` (``Diff3RConfig.lambda_mode``).
+        head: The uncertainty head, or None.
+        who: Who asks (named in the message).
+    """
+    if lambda_mode == "predicted" and head is None:
+        raise ConfigError(
+            f"{who}: diff3r.lambda_mode='predicted' needs an uncertainty head, but none is attached; "
+            "pass a head (e.g. head= to wrap_encoder) or set diff3r.lambda_mode=constant")
 
 
 def load_from_hydra(cfg: Any) -> Optional[Diff3RConfig]:

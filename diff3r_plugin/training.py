@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .config import Diff3RConfig
+from .config import Diff3RConfig, require_head
 from .evaluation.metrics import lpips_available
 from .gaussians.layout import GaussianParams, from_upstream
 from .layer import ContextViews, Diff3RLayer
@@ -87,7 +87,7 @@ def forward_model(encoder: nn.Module, head: nn.Module | None, batch: dict, *,
     if lambda_mode == "predicted" and head is not None:
         lam = head(out.features)
     elif lambda_mode == "predicted" and tto:
-        raise ValueError("lambda_mode='predicted' needs an uncertainty head")
+        require_head(lambda_mode, head, "training")
     else:
         lam = torch.full_like(theta0, config.constant_lambda)
     views = ContextViews(ctx["image"], out.context_extrinsics, ctx["intrinsics"], ctx["near"],

@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="constant Lambda for every parameter (default: the uncertainty head's initial value)")
     p.add_argument("--stationarity-tol", type=float, default=None,
                    help="inner stopping tolerance (default: 1e-4 for lm, none for adam)")
+    p.add_argument("--lm-pcg-iters", type=int, default=None,
+                   help="PCG iterations per LM step (default: the option file's lm_pcg_iters)")
+    p.add_argument("--lm-damping", type=float, default=None,
+                   help="initial LM damping mu (default: the option file's lm_damping)")
+    p.add_argument("--lm-pcg-tol", type=float, default=None,
+                   help="PCG tolerance of an LM step (default: the option file's lm_pcg_tol)")
     p.add_argument("--pcg-tol", type=float, default=1e-3)
     p.add_argument("--pcg-maxiter", type=int, default=1000)
     p.add_argument("--precond-probes", type=int, default=16)
@@ -96,7 +102,9 @@ def _config(args, backward: str, steps: int) -> Diff3RConfig:
                         visibility=args.visibility,
                         stationarity_tol=tol,
                         pcg_tol=args.pcg_tol, pcg_maxiter=args.pcg_maxiter,
-                        precond_probes=args.precond_probes, on_failure="fallback")
+                        precond_probes=args.precond_probes, on_failure="fallback",
+                        **{k: getattr(args, k) for k in ("lm_pcg_iters", "lm_pcg_tol", "lm_damping")
+                           if getattr(args, k, None) is not None})
 
 
 def worker(args) -> dict:
@@ -169,8 +177,9 @@ def _spawn(args, backward: str, steps: int, out_path: str) -> dict | None:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.probe:
         cmd += ["--probe"]
-    if args.stationarity_tol is not None:
-        cmd += ["--stationarity-tol", str(args.stationarity_tol)]
+    for key in ("stationarity_tol", "lm_pcg_iters", "lm_pcg_tol", "lm_damping"):
+        if getattr(args, key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=low_mmap_env(),
                               preexec_fn=_limit_memory(args.memory_limit_gb),
@@ -233,7 +242,10 @@ def run(args: argparse.Namespace) -> dict:
                 runs[-1]["stale_pairs"] = None if ift is None else ift["stale_pairs"]
             if args.probe:
                 runs[-1]["line_probe"] = None if ift is None else ift["line_probe"]
+    cfg = _config(args, "implicit", ks[0] if ks else 0)
     result = {"gaussians": args.gaussians, "size": args.size, "views": args.views,
+              "lm_damping": cfg.lm_damping, "lm_pcg_iters": cfg.lm_pcg_iters, "lm_pcg_tol": cfg.lm_pcg_tol,
+              "pcg_tol": cfg.pcg_tol, "pcg_maxiter": cfg.pcg_maxiter,
               "precond": args.precond, "matvec": args.matvec, "hessian": args.hessian,
               "visibility": args.visibility, "lam": args.lam,
               "perturbation": args.perturbation,

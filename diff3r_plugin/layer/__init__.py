@@ -1,10 +1,13 @@
-"""The Diff3R layer: inner solvers, implicit (IFT + PCG) and unrolled backward, diagnostics."""
+"""The Diff3R layer: inner solvers, the Hessian operator, implicit (IFT + PCG) and unrolled
+backward, diagnostics."""
 
-from .diagnostics import Diff3RInfo
-from .layer import Diff3RLayer, check_lambda, diff3r_layer, implicit_solve
+from .diagnostics import BackwardRecord, Diff3RInfo
+from .hessian import HessianOperator
+from .implicit import implicit_solve
+from .layer import Diff3RLayer, check_lambda, diff3r_layer
 from .objective import Objective
 from .pcg import PCGResult, pcg
 from .views import ContextViews
 
-__all__ = ["ContextViews", "Diff3RInfo", "Diff3RLayer", "Objective", "PCGResult", "check_lambda",
-           "diff3r_layer", "implicit_solve", "pcg"]
+__all__ = ["BackwardRecord", "ContextViews", "Diff3RInfo", "Diff3RLayer", "HessianOperator", "Objective",
+           "PCGResult", "check_lambda", "diff3r_layer", "implicit_solve", "pcg"]

@@ -1,7 +1,7 @@
 """What the layer reports about each solve."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -11,13 +11,39 @@ from .sparse_jacobian import gaussian_slots
 
 
 @dataclass
+class BackwardRecord:
+    """What the implicit backward reports; filled in by :func:`.implicit.implicit_solve` (all
+    None until a backward ran).
+
+    ``pcg_rel_residual`` is the *true* residual ``||g - H v|| / ||g||`` of the solve (one
+    extra matrix-vector product), not PCG's recursive estimate; ``pcg_converged`` is that
+    residual ``<= pcg_tol``, without margin.
+    """
+
+    pcg_iters: Tensor | None = None
+    pcg_rel_residual: Tensor | None = None
+    pcg_converged: Tensor | None = None
+    pcg_indefinite: Tensor | None = None
+    rhs_norm: Tensor | None = None
+    backward_ms: float | None = None
+    num_matvecs: int = 0
+    implicit_solution: Tensor | None = None  # v of H v = dL/dtheta* (a warm start for a later call)
+    warm_started: bool = False
+    product: str | None = None  # the products the backward used (exact with hessian='exact')
+    precond: str | None = None  # the preconditioner the backward used
+
+
+@dataclass(frozen=True)
 class Diff3RInfo:
-    """Diagnostics returned with ``theta*``; the backward fields are filled in by the backward.
+    """Diagnostics returned with ``theta*``: a frozen record of the forward, and
+    :attr:`backward_record`, which the implicit backward fills in. The backward's fields read
+    through, e.g. ``info.pcg_iters`` is ``info.backward_record.pcg_iters``.
+
+    ``matvec`` and ``precond`` are the settings actually used (``Diff3RConfig.resolved`` for
+    the backend); ``messages`` lists what the layer changed or what went wrong.
 
     ``stationarity`` is ``||grad E(theta_K)|| / ||grad E(theta_0)||`` per scene: the implicit
     gradient is exact only at a stationary point, so read it next to the gradients.
-    ``pcg_rel_residual`` is the *true* residual ``||g - H v|| / ||g||`` of the implicit solve
-    (one extra matrix-vector product), not PCG's recursive estimate.
 
     Where the remaining gradient sits: ``stationarity_groups[g]`` is the same ratio restricted
     to the entries of group ``g`` (their squares sum to ``stationarity ** 2``), and
@@ -38,22 +64,20 @@ class Diff3RInfo:
     final_energy: Tensor
     nan_rollbacks: Tensor
     forward_ms: float = 0.0
-    pcg_iters: Tensor | None = None
-    pcg_rel_residual: Tensor | None = None
-    pcg_converged: Tensor | None = None
-    pcg_indefinite: Tensor | None = None
-    rhs_norm: Tensor | None = None
-    backward_ms: float | None = None
-    num_matvecs: int = 0
-    messages: list[str] = field(default_factory=list)
+    visibility: str = "per_step"
     stationarity_groups: dict[str, Tensor] | None = None
     grad_share_top1pct: Tensor | None = None
-    implicit_solution: Tensor | None = None  # v of H v = dL/dtheta* (a warm start for a later call)
     final_grad: Tensor | None = None  # grad E(theta_K) [b, n], detached: where the solve stopped
-    warm_started: bool = False
-    visibility: str = "per_step"
     stale_pairs: Tensor | None = None
     stale_order_pixels: Tensor | None = None
+    messages: list[str] = field(default_factory=list)
+    backward_record: BackwardRecord = field(default_factory=BackwardRecord)
+
+    def __getattr__(self, name: str):
+        # Only reached for names that are not forward fields: the backward's.
+        if name in _BACKWARD_FIELDS:
+            return getattr(self.backward_record, name)
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def summary(self) -> dict:
         """Plain-Python scalars (means over the batch) for logging."""
@@ -63,22 +87,26 @@ class Diff3RInfo:
             t = t.detach().float()
             return float(t.mean()) if t.numel() else None
 
+        bw = self.backward_record
         return {
             "inner_solver": self.inner_solver, "backward": self.backward, "matvec": self.matvec,
             "hessian": self.hessian, "precond": self.precond,
             "inner_steps": mean(self.inner_steps), "stationarity": mean(self.stationarity),
             "initial_energy": mean(self.initial_energy), "final_energy": mean(self.final_energy),
             "nan_rollbacks": int(self.nan_rollbacks.sum()) if self.nan_rollbacks is not None else 0,
-            "forward_ms": self.forward_ms, "pcg_iters": mean(self.pcg_iters),
-            "pcg_rel_residual": None if self.pcg_rel_residual is None else float(self.pcg_rel_residual.max()),
-            "pcg_converged": None if self.pcg_converged is None else bool(self.pcg_converged.all()),
-            "backward_ms": self.backward_ms, "messages": list(self.messages),
+            "forward_ms": self.forward_ms, "pcg_iters": mean(bw.pcg_iters),
+            "pcg_rel_residual": None if bw.pcg_rel_residual is None else float(bw.pcg_rel_residual.max()),
+            "pcg_converged": None if bw.pcg_converged is None else bool(bw.pcg_converged.all()),
+            "backward_ms": bw.backward_ms, "messages": list(self.messages),
             "stationarity_groups": None if self.stationarity_groups is None else {
                 g: mean(t) for g, t in self.stationarity_groups.items()},
             "grad_share_top1pct": mean(self.grad_share_top1pct),
-            "warm_started": self.warm_started, "visibility": self.visibility,
+            "warm_started": bw.warm_started, "visibility": self.visibility,
             "stale_pairs": mean(self.stale_pairs), "stale_order_pixels": mean(self.stale_order_pixels),
         }
+
+
+_BACKWARD_FIELDS = frozenset(f.name for f in fields(BackwardRecord))
 
 
 def _per_gaussian_sq(grad: Tensor, layout: GaussianLayout) -> Tensor:

@@ -9,13 +9,14 @@ tolerance stops moving. With ``create_graph=True`` every step stays on the autog
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .matvec import make_matvec
+from ..config import Diff3RConfig
+from .hessian import HessianOperator
 from .objective import Objective
 from .pcg import pcg
-from .sparse_jacobian import SparseJacobian, block_preconditioner
 
 
 @dataclass
@@ -28,6 +29,7 @@ class InnerResult:
     energy: Tensor
     nan_rollbacks: Tensor
     grad: Tensor | None = None  # [b, n] detached gradient of E at ``theta`` (where the solve ended)
+    operator: "HessianOperator | None" = None  # the undamped operator at ``theta`` (sparse LM), for the backward
 
 
 def _energy_and_grad(obj: Objective, theta: Tensor, theta0: Tensor, lam: Tensor, sqrt_w,
@@ -101,146 +103,82 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
     return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
 
 
-def lm_solve(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping: float = 1e-3,
-             tol: float = 1e-4, pcg_iters: int = 50, pcg_tol: float = 1e-2, precond: str = "block_jacobi",
-             precond_probes: int = 4, matvec: str = "sparse", fd_eps: float = 1e-3,
-             create_graph: bool = False, progress: bool = False,
+def lm_solve(obj: Objective, theta0: Float[Tensor, "batch param"], lam: Float[Tensor, "batch param"],
+             config: Diff3RConfig, *, create_graph: bool = False,
              generator: torch.Generator | None = None) -> InnerResult:
-    """Levenberg-Marquardt on ``E``: each step solves
+    """``config.steps`` Levenberg-Marquardt steps on ``E``: each solves
     ``(J^T J + Lambda + mu D) delta = -grad E`` with PCG, ``D = diag(J^T J) + Lambda``, and
-    accepts it where the energy decreases, else grows ``mu``.
+    accepts it where the energy decreases (``mu /= 3``), else grows ``mu`` (``* 4``).
 
-    With ``matvec="sparse"`` (torch backend) every step linearizes the renderer once into its
-    explicit factored Jacobian (:mod:`.sparse_jacobian`), which gives the energy, the gradient
-    ``J^T r + Lambda (theta - theta0)``, cheap products, the exact ``D`` and, with
-    ``precond="block_jacobi"``, exact per-Gaussian preconditioner blocks. Other matvecs use
-    passes through the renderer and an estimated ``D``.
+    Every step solves with the :class:`.hessian.HessianOperator` at the current iterate
+    (damped by ``mu``); its products and preconditioner follow ``config.resolved(backend)``.
+    With ``matvec="sparse"`` (torch backend) the operator's explicit Jacobian also gives the
+    energy and the gradient ``J^T r + Lambda (theta - theta0)`` of each candidate, so an
+    accepted candidate's linearization is the next step's operator; a rejected step retries at
+    the same linearization with a larger ``mu``. Other products pass through the renderer and
+    estimate ``D``.
 
     With ``create_graph=True`` (the unrolled reference) every step stays on the autograd graph:
-    with ``matvec="sparse"`` each step's linear solve is differentiated exactly, by an adjoint
-    solve with the same matrix (memory: one linearization per step); with the other matvecs by
-    autograd through the PCG iterations. The damping ``mu``, the scaling ``D`` and the
-    preconditioner are constants of each step.
+    each step's linear solve is differentiated exactly, by an adjoint solve with the same
+    matrix (:class:`_SolveDerivative`; memory: one linearization per step). The damping ``mu``,
+    the scaling ``D`` and the preconditioner are constants of each step.
     """
-    if matvec == "sparse":
-        return _lm_sparse(obj, theta0, lam, steps, damping=damping, tol=tol, pcg_iters=pcg_iters,
-                          pcg_tol=pcg_tol, precond=precond, create_graph=create_graph, progress=progress)
     b = theta0.shape[0]
     device = theta0.device
-    theta = theta0 if create_graph else theta0.detach().clone()
-    mu = torch.full((b,), damping, dtype=theta0.dtype, device=device)
-    taken = torch.zeros(b, dtype=torch.long, device=device)
-    rollbacks = torch.zeros(b, dtype=torch.long, device=device)
-    moving = torch.ones(b, dtype=torch.bool, device=device)
+    steps, tol = config.steps, config.stationarity_tol
+    sparse = config.resolved(obj.backend).matvec == "sparse"
     sqrt_w = obj.pixel_weights(theta0.detach())
-    theta, e0, g = _energy_and_grad(obj, theta, theta0, lam, sqrt_w, create_graph)
-    g0 = g.detach().norm(dim=1)
-    e, gn = e0, g0
-    lam_d = lam.detach()
-    for _ in tqdm(range(steps), disable=not progress, desc="TTO (lm)", leave=False):
-        moving = moving & (gn > tol * g0)
-        if not bool(moving.any()):
-            break
-        mv = make_matvec(matvec, "gauss_newton", obj, theta.detach(), theta0.detach(), lam_d, fd_eps)
-        diag = mv.jtj_diag(precond_probes, generator) + lam_d
-        mu_c = mu.clone()
-
-        if create_graph:
-            graph_mv = _GraphGN(obj, theta, sqrt_w)
-
-            def a_mv(p, idx):
-                return graph_mv(p, idx) + (lam.index_select(0, idx) + mu_c.index_select(0, idx)[:, None]
-                                           * diag.index_select(0, idx)) * p
-        else:
-            def a_mv(p, idx):
-                return mv(p, idx) + mu_c.index_select(0, idx)[:, None] * diag.index_select(0, idx) * p
-
-        delta, _ = pcg(a_mv, -g, precond=None if precond == "none" else (1 + mu_c[:, None]) * diag,
-                       tol=pcg_tol, maxiter=pcg_iters, check_every=max(1, min(5, pcg_iters // 4)))
-        delta = delta * moving[:, None].to(delta)
-        cand, e_new, g_new = _energy_and_grad(obj, theta + delta, theta0, lam, sqrt_w, create_graph)
-        ok = _finite_rows(cand, e_new, g_new)
-        rollbacks = rollbacks + (~ok & moving).long()
-        accept = ok & (e_new.detach() <= e.detach()) & moving
-        theta = torch.where(accept[:, None], cand, theta)
-        g = torch.where(accept[:, None], g_new, g)
-        e = torch.where(accept, e_new, e)
-        mu = torch.where(accept, (mu / 3).clamp_min(1e-7), mu * 4)
-        moving = moving & ok & (mu < 1e8)
-        taken = taken + (moving | accept).long()
-        gn = g.detach().norm(dim=1)
-    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
-
-
-def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, damping: float, tol: float,
-               pcg_iters: int, pcg_tol: float, precond: str, create_graph: bool,
-               progress: bool) -> InnerResult:
-    b = theta0.shape[0]
-    device = theta0.device
-    sqrt_w = obj.pixel_weights(theta0.detach())
-    lam_d = lam.detach()
+    # The adjoint tolerance is what the dtype can reach (float32 PCG stalls near 1e-6).
     adjoint_tol = 1e-5 if theta0.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
 
-    def linearize(t: Tensor):
+    def operator(t: Tensor) -> HessianOperator:
+        return HessianOperator(obj, t, theta0, lam, config, hessian="gauss_newton", generator=generator,
+                               create_graph=create_graph)
+
+    def point(t: Tensor):
+        """``(t, E(t), grad E(t), operator at t or None)``."""
+        if not sparse:
+            return (*_energy_and_grad(obj, t, theta0, lam, sqrt_w, create_graph), None)
         t = t if create_graph else t.detach()
-        plan = obj.make_plan(t)
+        op = operator(t)
         with torch.set_grad_enabled(create_graph):
-            sj = SparseJacobian.build(t, obj.layout, obj.views, plan, sqrt_w)
+            r = op.jacobian.residual
             d = t - theta0
-            r = sj.residual
             e = 0.5 * (r * r).sum(1) + 0.5 * (lam * d * d).sum(1)
-            g = sj.vjp(r) + lam * d
-        return sj, e, g
+            g = op.jacobian.vjp(r) + lam * d
+        return t, e, g, op
 
     theta = theta0 if create_graph else theta0.detach().clone()
-    mu = torch.full((b,), damping, dtype=theta0.dtype, device=device)
+    mu = torch.full((b,), config.lm_damping, dtype=theta0.dtype, device=device)
     taken = torch.zeros(b, dtype=torch.long, device=device)
     rollbacks = torch.zeros(b, dtype=torch.long, device=device)
     moving = torch.ones(b, dtype=torch.bool, device=device)
-    sj, e0, g = linearize(theta)
+    theta, e0, g, op = point(theta)
     g0 = g.detach().norm(dim=1)
     e, gn = e0, g0
-    for _ in tqdm(range(steps), disable=not progress, desc="TTO (lm)", leave=False):
+    for _ in tqdm(range(steps), disable=not config.progress, desc="TTO (lm)", leave=False):
         moving = moving & (gn > tol * g0)
         if not bool(moving.any()):
             break
+        if op is None:
+            op = operator(theta)
+        a = op.damped(mu)
         with torch.no_grad():
-            blocks = sj.block_diagonal() if precond == "block_jacobi" else None
-            jtj = sj.diagonal(blocks=blocks)
-            scale = (jtj + lam_d) * mu[:, None]  # mu D
-            diag = jtj + lam_d + scale
-            if blocks is not None:
-                blocks = blocks + torch.diag_embed((lam_d + scale)[:, sj.slots])
-                pre = block_preconditioner(blocks, diag, sj.slots)
-            elif precond == "jacobi":
-                pre = diag
-            else:
-                pre = None
-
-        def a_mv(p, idx, sj=sj, scale=scale):
-            full = p if idx.numel() == b else torch.zeros(b, p.shape[1], dtype=p.dtype, device=p.device).index_copy(0, idx, p)
-            out = sj.gauss_newton(full)
-            out = out if idx.numel() == b else out.index_select(0, idx)
-            return out + (lam.index_select(0, idx) + scale.index_select(0, idx)) * p
-
-        with torch.no_grad():
-            delta, _ = pcg(a_mv, -g.detach(), precond=pre, tol=pcg_tol, maxiter=pcg_iters,
-                           check_every=max(1, min(5, pcg_iters // 4)))
+            delta, _ = pcg(a, -g.detach(), precond=a.preconditioner(), tol=config.lm_pcg_tol,
+                           maxiter=config.lm_pcg_iters, check_every=config.pcg_check_every)
         if create_graph:
             # The step as a differentiable function of theta: delta = A(theta)^-1 (-g(theta)).
             # Its value is the PCG step actually taken (so the trajectory is the implicit run's),
             # its derivative that of the exact solve, -A^-1 (dg + dA delta), from one adjoint
-            # solve with the same A (see _SolveDerivative): the graph holds one linearization per
-            # step instead of every PCG iteration. The adjoint tolerance is what the dtype can
-            # reach (float32 PCG stalls near 1e-6).
-            def solve(rhs, a_mv=a_mv, pre=pre):
-                return pcg(a_mv, rhs, precond=pre, tol=adjoint_tol, maxiter=max(10 * pcg_iters, 500))[0]
+            # solve with the same A: the graph holds one linearization per step instead of
+            # every PCG iteration.
+            def solve(rhs, a=a):
+                return pcg(a, rhs, precond=a.preconditioner(), tol=adjoint_tol,
+                           maxiter=max(10 * config.lm_pcg_iters, 500))[0]
 
-            resid = -g - (sj.gauss_newton(delta) + (lam + scale) * delta)
-            delta = delta + _SolveDerivative.apply(resid, solve)
+            delta = delta + _SolveDerivative.apply(-g - a.graph_apply(delta, lam), solve)
         delta = delta * moving[:, None].to(delta)
-        cand = theta + delta
-        sj_new, e_new, g_new = linearize(cand)
+        cand, e_new, g_new, op_new = point(theta + delta)
         ok = _finite_rows(cand, e_new, g_new)
         rollbacks = rollbacks + (~ok & moving).long()
         accept = ok & (e_new.detach() <= e.detach()) & moving
@@ -251,13 +189,18 @@ def _lm_sparse(obj: Objective, theta0: Tensor, lam: Tensor, steps: int, *, dampi
         moving = moving & ok & (mu < 1e8)
         taken = taken + (moving | accept).long()
         gn = g.detach().norm(dim=1)
+        # The next operator: the candidate's where every scene accepted it, a new one at the
+        # mixed iterate where some did, the same one (with a larger mu) where none did.
         if bool(accept.all()):
-            sj = sj_new
+            op = op_new
         elif bool(accept.any()):
-            sj = linearize(theta)[0]
+            op = point(theta)[3] if sparse else None
     if not create_graph:
         theta = theta.detach()
-    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
+    # With sparse products the last operator is at the final iterate: the implicit backward
+    # reuses its Jacobian and blocks instead of building them a second time.
+    final = op if (sparse and not create_graph) else None
+    return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach(), final)
 
 
 class _SolveDerivative(torch.autograd.Function):
@@ -277,19 +220,3 @@ class _SolveDerivative(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         with torch.no_grad():
             return ctx.solve(grad), None
-
-
-class _GraphGN:
-    """``J^T W J p`` that stays differentiable w.r.t. the linearization point (for unrolling)."""
-
-    def __init__(self, obj: Objective, theta: Tensor, sqrt_w):
-        self.theta = theta
-        self.r = obj.residual(theta, sqrt_w=sqrt_w)
-        self.u = torch.zeros_like(self.r, requires_grad=True)
-        self.jtu = torch.autograd.grad(self.r, theta, self.u, create_graph=True)[0]
-
-    def __call__(self, p: Tensor, idx: Tensor) -> Tensor:
-        full = torch.zeros_like(self.theta).index_copy(0, idx, p)
-        jp = torch.autograd.grad(self.jtu, self.u, full, create_graph=True)[0]
-        jtjp = torch.autograd.grad(self.r, self.theta, jp, create_graph=True)[0]
-        return jtjp.index_select(0, idx)

@@ -1,20 +1,18 @@
-"""The Diff3R optimization layer.
+"""The Diff3R optimization layer: forward orchestration.
 
 Forward (test-time optimization on the context views)::
 
     theta* = argmin_theta 1/2 ||r(theta)||^2 + 1/2 (theta - theta0)^T diag(Lambda) (theta - theta0)
 
-Backward (``backward="implicit"``), by the Implicit Function Theorem at the stationary point
-``J^T r + Lambda (theta* - theta0) = 0`` with ``H = J^T J + diag(Lambda)``::
-
-    solve H v = dL/dtheta*        (matrix-free PCG, Jacobi preconditioner diag(J^T J) + Lambda)
-    dL/dtheta0 = Lambda * v
-    dL/dLambda = -(theta* - theta0) * v
+by the inner solver of :mod:`.inner` (Adam, or Levenberg-Marquardt with the
+:class:`.hessian.HessianOperator`). Backward: ``backward="implicit"`` solves the Implicit
+Function Theorem system with the same operator at ``theta*`` (:mod:`.implicit`);
+``backward="unroll"`` differentiates through the K steps (the reference).
 
 **Warning.** The implicit gradient is exact only if the inner solve reached a stationary
 point (and, with the Gauss-Newton ``H``, if the context residuals are small there, or with
 ``hessian="exact"``). ``info.stationarity`` and the PCG residual tell how far from that a
-given solve is; ``backward="unroll"`` (autograd through the K steps) is the reference.
+given solve is; ``backward="unroll"`` is the reference.
 
 The layer never modifies its inputs, does its own grad-enabled work on clones (so it runs
 inside ``torch.inference_mode()``, e.g. a Lightning test step), and keeps no state between
@@ -22,32 +20,23 @@ calls (safe under DDP).
 """
 
 import time
-import warnings
 from dataclasses import replace
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..config import Diff3RConfig
-from ..errors import (InvalidLambdaError, LayoutMismatchError, NonFiniteError, PCGNotConvergedError,
-                      SolverDivergedError)
+from ..errors import InvalidLambdaError, LayoutMismatchError, NonFiniteError, SolverDivergedError
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 from . import checks
+from ..profiling import part
 from .diagnostics import Diff3RInfo, gradient_breakdown, scene_extent
+from .implicit import ImplicitFunction, report
 from .inner import adam_solve, lm_solve
-from .matvec import make_matvec
 from .objective import Objective
-from .pcg import pcg
 from .probe import plan_changes
 from .views import ContextViews
-
-
-def _report(policy: str, message: str, info: Diff3RInfo, error: type) -> None:
-    info.messages.append(message)
-    if policy == "raise":
-        raise error(message)
-    if policy == "warn":
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def check_lambda(lam: Tensor, layout: GaussianLayout) -> None:
@@ -74,85 +63,6 @@ def learning_rates(config: Diff3RConfig, layout: GaussianLayout, theta0: Tensor)
     return lr
 
 
-class _Implicit(torch.autograd.Function):
-    """Identity on ``theta*`` in the forward; IFT + PCG in the backward."""
-
-    @staticmethod
-    def forward(ctx, theta0: Tensor, lam: Tensor, theta_star: Tensor, state: dict):  # type: ignore[override]
-        ctx.state = state
-        ctx.save_for_backward(theta0, lam, theta_star)
-        return theta_star.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        theta0, lam, theta_star = ctx.saved_tensors
-        state = ctx.state
-        v = implicit_solve(state["objective"], state["config"], state["info"], theta_star, theta0,
-                           lam, grad_out, x0=state.get("warm_start"))
-        grad_theta0 = lam * v if ctx.needs_input_grad[0] else None
-        grad_lam = -(theta_star - theta0) * v if ctx.needs_input_grad[1] else None
-        return grad_theta0, grad_lam, None, None
-
-
-def effective_matvec(config: Diff3RConfig, backend: str) -> str:
-    """The matvec actually used: renderers other than the torch one only have a first-order
-    backward, so they always use finite-difference products."""
-    return config.matvec if backend == "torch" else "finite_difference"
-
-
-def effective_precond(config: Diff3RConfig, backend: str) -> str:
-    """Block-Jacobi needs the explicit Jacobian (``matvec="sparse"``); otherwise the
-    (estimated) diagonal Jacobi preconditioner is used."""
-    if config.precond == "block_jacobi" and (config.hessian != "gauss_newton"
-                                              or effective_matvec(config, backend) != "sparse"):
-        return "jacobi"
-    return config.precond
-
-
-def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta_star: Tensor,
-                   theta0: Tensor, lam: Tensor, grad: Tensor, x0: Tensor | None = None) -> Tensor:
-    """Solve ``H v = grad`` per scene (from ``x0`` if given) and record the solve in ``info``."""
-    t0 = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
-        grad = grad.detach()
-        mv = make_matvec(effective_matvec(config, obj.backend), config.hessian, obj,
-                         theta_star.detach(), theta0.detach(), lam.detach(), config.fd_eps)
-        precond = None
-        if config.precond == "block_jacobi" and hasattr(mv, "block_preconditioner"):
-            precond = mv.block_preconditioner(lam.detach())
-        elif config.precond != "none":
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            precond = mv.jtj_diag(config.precond_probes, gen) + lam.detach()
-        v, res = pcg(mv, grad, precond=precond, x0=x0, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
-                     check_every=config.pcg_check_every)
-        # True residual of the returned solution (PCG's recursion can drift from it).
-        idx = torch.arange(grad.shape[0], device=grad.device)
-        gnorm, true_rel = checks.relative_residual(grad, grad - mv(v, idx))
-    info.pcg_iters = res.iterations
-    info.warm_started = x0 is not None
-    info.pcg_rel_residual = true_rel.detach()
-    info.pcg_converged = (true_rel <= max(config.pcg_tol * 1.5, config.pcg_tol + 1e-6)) & torch.isfinite(true_rel)
-    info.pcg_indefinite = res.indefinite
-    info.rhs_norm = gnorm
-    info.num_matvecs = mv.num_matvecs
-    finite = torch.isfinite(v).all(1)
-    if not bool(finite.all()):
-        v = torch.where(finite[:, None], v, torch.zeros_like(v))
-        _report("warn" if config.on_failure == "fallback" else config.on_failure,
-                f"implicit solve produced NaN/Inf for {int((~finite).sum())} scene(s); their "
-                "gradients were set to zero", info, PCGNotConvergedError)
-    if not bool(info.pcg_converged.all()):
-        worst = float(true_rel.max())
-        _report(config.on_failure,
-                f"PCG did not converge for {int((~info.pcg_converged).sum())} scene(s) "
-                f"(worst relative residual {worst:.2e} > tol {config.pcg_tol:.1e} after "
-                f"{int(res.iterations.max())} iterations); the implicit gradient is approximate",
-                info, PCGNotConvergedError)
-    info.implicit_solution = v.detach()
-    info.backward_ms = (time.perf_counter() - t0) * 1e3
-    return v
-
-
 def _visibility_staleness(obj: Objective, theta_star: Tensor) -> tuple[Tensor, Tensor]:
     """Pairs and reordered pixels between the frozen pair lists (``theta0``) and ``theta*``'s."""
     frozen = obj.make_plan(theta_star)
@@ -161,10 +71,15 @@ def _visibility_staleness(obj: Objective, theta_star: Tensor) -> tuple[Tensor, T
     return plan_changes(frozen, current, theta_star.shape[0], obj.views.num_views * h * w)
 
 
-def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: GaussianLayout,
-                 config: Diff3RConfig | None = None, *, backend: str | None = None,
-                 warm_start: Tensor | None = None) -> tuple[Tensor, Diff3RInfo]:
+def diff3r_layer(theta0: Float[Tensor, "batch param"], lam: Float[Tensor, "batch param"], views: ContextViews | None,
+                 layout: GaussianLayout, config: Diff3RConfig | None = None, *, backend: str | None = None,
+                 warm_start: Float[Tensor, "batch param"] | None = None
+                 ) -> tuple[Float[Tensor, "batch param"], Diff3RInfo]:
     """Functional form of :class:`Diff3RLayer` on flat ``[b, n]`` parameter vectors.
+
+    ``backend`` (default ``config.backend``) is the renderer of the inner objective; the
+    settings actually used are ``config.resolved(backend)`` (reported in ``info.matvec``,
+    ``info.precond`` and ``info.messages``).
 
     ``warm_start`` (``[b, n]``, optional) is the initial guess of the implicit backward's PCG,
     typically ``info.implicit_solution`` of an earlier call on the same scenes with a similar
@@ -178,6 +93,9 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     backward modes.
     """
     config = config or Diff3RConfig()
+    backend = backend or config.backend
+    notes = config.resolution_notes(backend)
+    config = config.resolved(backend)
     if views is None:
         raise LayoutMismatchError("views are missing: the layer needs the context images and cameras")
     views.validate()
@@ -208,7 +126,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     wants_grad = (not inference) and torch.is_grad_enabled() and (theta0.requires_grad or lam.requires_grad)
     unroll = wants_grad and config.backward == "unroll"
     t_start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), part("tto_forward"):
         obj = Objective.for_layer(views, layout, config, theta0, backend)
         if unroll:
             guard = checks.UnrollGuard(config)
@@ -223,58 +141,60 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
             res = adam_solve(obj, t0_in, lam_in, lr, config.steps, tol=config.stationarity_tol,
                              create_graph=unroll, progress=config.progress)
         else:
-            res = lm_solve(obj, t0_in, lam_in, config.steps, damping=config.lm_damping,
-                           tol=config.stationarity_tol, pcg_iters=config.lm_pcg_iters,
-                           pcg_tol=config.lm_pcg_tol, precond=effective_precond(config, obj.backend),
-                           precond_probes=config.precond_probes,
-                           matvec=effective_matvec(config, obj.backend),
-                           fd_eps=config.fd_eps, create_graph=unroll, progress=config.progress,
+            res = lm_solve(obj, t0_in, lam_in, config, create_graph=unroll,
                            generator=torch.Generator().manual_seed(0))
-    b = theta0.shape[0]
-    device = theta0.device
-    zeros = torch.zeros(b, device=device)
-    used_matvec = effective_matvec(config, obj.backend)
-    used_precond = effective_precond(config, obj.backend)
-    if res is None:
-        info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
-                          used_precond, torch.zeros(b, dtype=torch.long, device=device), zeros.clone(),
-                          zeros.clone(), zeros.clone(), torch.zeros(b, dtype=torch.long, device=device))
-    else:
+    if res is not None:
         checks.check_initial_energy(res.energy0, res.grad_norm0, theta0, layout)
-        theta_star = res.theta
-        stat = res.grad_norm / res.grad_norm0.clamp_min(torch.finfo(res.grad_norm.dtype).tiny)
-        stat = torch.where(res.grad_norm0 > 0, stat, torch.zeros_like(stat))
-        info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
-                          used_precond, res.steps, stat.detach(), res.energy0, res.energy,
-                          res.nan_rollbacks)
+    info = _forward_record(config, obj, res, theta0, theta_star if res is None else res.theta, layout,
+                           notes, t_start)
+    if res is not None:
         checks.note_blind_scenes(res.energy0, res.grad_norm0, info)
-        if res.grad is not None:
-            info.final_grad = res.grad
-            info.stationarity_groups, info.grad_share_top1pct = gradient_breakdown(
-                res.grad, res.grad_norm0, layout)
-        if obj.visibility_theta is not None:
-            info.stale_pairs, info.stale_order_pixels = _visibility_staleness(obj, theta_star.detach())
-        if bool((res.nan_rollbacks > 0).any()):
-            _report(config.on_failure,
-                    f"the inner optimization produced NaN/Inf in {int((res.nan_rollbacks > 0).sum())} "
-                    "scene(s); they were rolled back to their last finite iterate", info,
-                    SolverDivergedError)
-    info.visibility = config.visibility
     checks.note_constant_views(views, info)
-    info.forward_ms = (time.perf_counter() - t_start) * 1e3
+    if res is not None and bool((res.nan_rollbacks > 0).any()):
+        report(config.on_failure,
+               f"the inner optimization produced NaN/Inf in {int((res.nan_rollbacks > 0).sum())} "
+               "scene(s); they were rolled back to their last finite iterate", info, SolverDivergedError)
 
     if unroll:
         guard.info = info
-        return guard(theta_star, "theta*"), info
+        return guard(theta_star if res is None else res.theta, "theta*"), info
     if res is None:
         # No inner step: theta* = theta0, whose derivative is the identity (and zero for Lambda).
         return (theta0.clone() if wants_grad else theta0.detach().clone()), info
-    theta_star = theta_star.detach()
+    theta_star = res.theta.detach()
     if wants_grad:
-        state = {"objective": obj, "config": config, "info": info,
+        state = {"objective": obj, "config": config, "info": info, "operator": res.operator,
                  "warm_start": None if warm_start is None else warm_start.detach().to(theta0.dtype).clone()}
-        theta_star = _Implicit.apply(theta0, lam, theta_star, state)
+        theta_star = ImplicitFunction.apply(theta0, lam, theta_star, state)
     return theta_star, info
+
+
+def _forward_record(config: Diff3RConfig, obj: Objective, res, theta0: Tensor, theta_star: Tensor,
+                    layout: GaussianLayout, notes: list[str], t_start: float) -> Diff3RInfo:
+    """The frozen record of one forward (``res`` None: no inner step) begun at ``t_start``."""
+    b = theta0.shape[0]
+    device = theta0.device
+    common = dict(inner_solver=config.inner_solver, backward=config.backward, matvec=config.matvec,
+                  hessian=config.hessian, precond=config.precond, visibility=config.visibility,
+                  messages=list(notes))
+    if res is None:
+        zeros = torch.zeros(b, device=device)
+        steps = torch.zeros(b, dtype=torch.long, device=device)
+        return Diff3RInfo(**common, inner_steps=steps, stationarity=zeros.clone(), initial_energy=zeros.clone(),
+                          final_energy=zeros.clone(), nan_rollbacks=steps.clone(),
+                          forward_ms=(time.perf_counter() - t_start) * 1e3)
+    stat = res.grad_norm / res.grad_norm0.clamp_min(torch.finfo(res.grad_norm.dtype).tiny)
+    stat = torch.where(res.grad_norm0 > 0, stat, torch.zeros_like(stat))
+    extra: dict = {}
+    if res.grad is not None:
+        extra["final_grad"] = res.grad
+        extra["stationarity_groups"], extra["grad_share_top1pct"] = gradient_breakdown(
+            res.grad, res.grad_norm0, layout)
+    if obj.visibility_theta is not None:
+        extra["stale_pairs"], extra["stale_order_pixels"] = _visibility_staleness(obj, theta_star.detach())
+    return Diff3RInfo(**common, inner_steps=res.steps, stationarity=stat.detach(), initial_energy=res.energy0,
+                      final_energy=res.energy, nan_rollbacks=res.nan_rollbacks,
+                      forward_ms=(time.perf_counter() - t_start) * 1e3, **extra)
 
 
 class Diff3RLayer(nn.Module):
@@ -296,8 +216,10 @@ class Diff3RLayer(nn.Module):
             config = config.merge(overrides)
         self.config = config
 
-    def forward(self, theta0, lam, views: ContextViews, layout: GaussianLayout | None = None,
-                warm_start: Tensor | None = None):
+    def forward(self, theta0: Float[Tensor, "batch param"] | GaussianParams,
+                lam: Float[Tensor, "batch param"] | GaussianParams, views: ContextViews | None,
+                layout: GaussianLayout | None = None, warm_start: Float[Tensor, "batch param"] | None = None
+                ) -> tuple[Float[Tensor, "batch param"] | GaussianParams, Diff3RInfo]:
         """``warm_start``: optional flat ``[b, n]`` initial guess of the implicit backward's PCG
         (e.g. ``info.implicit_solution`` of an earlier call on the same scenes)."""
         if isinstance(theta0, GaussianParams):

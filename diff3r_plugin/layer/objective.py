@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..config import Diff3RConfig
 from ..gaussians.layout import GaussianLayout, GaussianParams
 from ..render.api import pose_adjusted_extrinsics, render
 from ..render.common import _broadcast_background, project
@@ -60,11 +60,8 @@ class Objective:
 
     def freeze_visibility(self, theta0: Tensor) -> None:
         """Build every pair list at ``theta0`` from now on (a smooth energy, see the module doc)."""
-        if self.backend != "torch":
-            raise ConfigError(
-                f"visibility='frozen' needs the torch backend (it holds the torch renderer's pair "
-                f"list fixed); backend {self.backend!r} sorts inside its own kernel. Use "
-                "visibility='per_step' with it.")
+        # The configuration rule (one place) says which backends can hold the pair list.
+        Diff3RConfig(visibility="frozen", backend="torch")._resolve(self.backend)
         self.visibility_theta = theta0.detach().clone()
 
     def _plan_source(self, theta: Tensor, views: ContextViews, idx: Tensor | None) -> Tensor:

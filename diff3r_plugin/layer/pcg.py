@@ -11,6 +11,9 @@ float32 norms and dot products), and the tolerance is relative to it:
 ``||b - A x|| <= tol ||b||``. Convergence is checked every ``check_every`` iterations, so the
 loop talks to the host (a GPU synchronisation) only then.
 
+``converged`` is ``||r|| <= tol ||b||`` for the recursive residual, with no margin; the caller
+that needs the true residual (the implicit backward) recomputes it and chooses its own margin.
+
 Warning: when PCG stops at ``maxiter`` the returned solution is approximate, and so is any
 implicit gradient built from it; :class:`PCGResult` says so per scene.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 MatVec = Callable[[Tensor, Tensor], Tensor]  # (vectors [k, n], scene indices [k]) -> [k, n]
@@ -34,14 +38,14 @@ class PCGResult:
 
 def pcg(
     matvec: MatVec,
-    rhs: Tensor,
+    rhs: Float[Tensor, "batch param"],
     *,
-    precond: "Tensor | Callable[[Tensor, Tensor], Tensor] | None" = None,
-    x0: Tensor | None = None,
+    precond: Float[Tensor, "batch param"] | Callable[[Tensor, Tensor], Tensor] | None = None,
+    x0: Float[Tensor, "batch param"] | None = None,
     tol: float = 1e-3,
     maxiter: int = 100,
     check_every: int = 5,
-) -> tuple[Tensor, PCGResult]:
+) -> tuple[Float[Tensor, "batch param"], PCGResult]:
     """Solve ``A x = rhs`` per scene.
 
     Args:

@@ -238,13 +238,36 @@ class SparseJacobian:
 
         The Gaussian blocks of ``J^T W J`` are ``sum over views of F^T M F``, so the pairs are
         reduced to 9 x 9 feature moments before the (larger) parameter blocks are formed.
+
+        ``A = diag(s) [g d^T | w I]`` (``g = dC/dalpha``, ``d = dalpha/df``, ``s = W^1/2``) has
+        rank-one structure, so with ``G = s * g``::
+
+            A^T A = [[|G|^2 d d^T, d (w s * G)^T], [(w s * G) d^T, diag((w s)^2)]]
+
+        which is formed from per-pair vectors by broadcasting (many tiny 9 x 3 matrix
+        products are several times slower on a CPU).
         """
-        acc = self.g_alpha.new_zeros(self.feat_jac.shape[0], NUM_FEATURES, NUM_FEATURES)
+        n = self.feat_jac.shape[0]
+        dd = self.g_alpha.new_zeros(n, 6, 6)
+        dq = self.g_alpha.new_zeros(n, 6, 3)
+        ww = self.g_alpha.new_zeros(n, 3)
         for lo in range(0, self.plan.num_pairs, chunk):
             hi = min(lo + chunk, self.plan.num_pairs)
-            a = self._pair_factors(lo, hi)
-            acc = acc.index_add(0, self.plan.gaussian[lo:hi], torch.einsum("kcf,kcg->kfg", a, a))
-        return acc
+            gauss = self.plan.gaussian[lo:hi]
+            g = self.g_alpha[lo:hi]
+            d = self.d_alpha[lo:hi]
+            ws = self.weight[lo:hi, None].expand(-1, 3)
+            if self.sqrt_w is not None:
+                sw = self.sqrt_w.index_select(0, self.plan.pixel[lo:hi])
+                g = g * sw
+                ws = ws * sw
+            norm = (g * g).sum(1)
+            dd = dd.index_add(0, gauss, (norm[:, None] * d)[:, :, None] * d[:, None, :])
+            dq = dq.index_add(0, gauss, d[:, :, None] * (ws * g)[:, None, :])
+            ww = ww.index_add(0, gauss, ws * ws)
+        top = torch.cat([dd, dq], 2)
+        bottom = torch.cat([dq.transpose(1, 2), torch.diag_embed(ww)], 2)
+        return torch.cat([top, bottom], 1)
 
     def block_diagonal(self, chunk: int = 1 << 17) -> Tensor:
         """Exact per-Gaussian blocks of ``J^T W J``: ``[b, G, n_i, n_i]``."""
@@ -284,34 +307,3 @@ class SparseJacobian:
             per_view = (pix * pix).sum(1).reshape(b, v, h * w, 6).sum(2)
             out = torch.cat([out, per_view[:, 1:npv + 1].reshape(b, -1)], 1)
         return out
-
-
-def block_preconditioner(blocks: Tensor, diag: Tensor, slots: Tensor):
-    """``M^-1`` of a block-Jacobi preconditioner as a callable ``(r, idx) -> z`` for PCG.
-
-    Args:
-        blocks: ``[b, G, n_i, n_i]`` per-Gaussian blocks of the system matrix (SPD).
-        diag: ``[b, n]`` its full diagonal; entries outside the blocks (the pose group) use it
-            as a plain Jacobi preconditioner.
-        slots: ``[G, n_i]`` flat indices of each block's entries.
-
-    A block whose Cholesky factorization fails (not numerically positive definite) falls back
-    to its diagonal.
-    """
-    blocks = blocks.detach().double()
-    diag = diag.detach()
-    chol, info = torch.linalg.cholesky_ex(blocks)
-    bad = info != 0
-    if bool(bad.any()):
-        fallback = torch.diag_embed(torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(
-            torch.finfo(blocks.dtype).tiny).sqrt())
-        chol = torch.where(bad[..., None, None], fallback, chol)
-    flat = slots.reshape(-1)
-
-    def apply(r: Tensor, idx: Tensor) -> Tensor:
-        z = r / diag.index_select(0, idx)
-        rb = r[:, slots].double()[..., None]
-        zb = torch.cholesky_solve(rb, chol.index_select(0, idx))[..., 0].to(r.dtype)
-        return z.index_copy(1, flat, zb.reshape(r.shape[0], -1))
-
-    return apply

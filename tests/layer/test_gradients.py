@@ -27,8 +27,9 @@ K = 2  # random directions for theta0 and for Lambda each
 # The energy has small jumps (pairs crossing alpha = 1/255, depth-order swaps), so central
 # differences of the solution map are valid only while every perturbed solve stays on one smooth
 # branch; with this seed that holds for LM with products through the renderer ("autodiff").
+# The LM settings are pinned (not the option file's training defaults, which take two short steps).
 CONVERGED = dict(steps=15, inner_solver="lm", stationarity_tol=1e-10, pcg_tol=1e-10, pcg_maxiter=2000,
-                 matvec="autodiff")
+                 matvec="autodiff", lm_damping=1e-3, lm_pcg_iters=50)
 
 
 def _expand(t, b):
@@ -218,7 +219,9 @@ def test_finite_difference_matvec_gives_same_implicit_gradient(prob):
                            pcg_maxiter=2000)
         theta_star, info = diff3r_layer(t, lam, prob["views"], prob["layout"], cfg)
         prob["outer"](theta_star).sum().backward()
-        assert bool(info.pcg_converged.all()), info.pcg_rel_residual
+        # Finite-difference products carry ~1e-9 of rounding noise: the solve is accurate to
+        # that (not to the 1e-10 asked for, so pcg_converged is False for it).
+        assert float(info.pcg_rel_residual.max()) < 1e-8, info.pcg_rel_residual
         grads.append((t.grad, lam.grad))
     for a, b in zip(*grads):
         rel = float((a - b).norm() / a.norm())
@@ -275,7 +278,7 @@ def test_unrolled_sparse_lm_matches_finite_differences_of_its_steps(prob):
     convergence needed) must agree. The damping term mu * diag is held constant in the
     derivative; with mu <= 1e-3 that leaves a gap far below the tolerance."""
     steps = 4
-    cfg = dict(steps=steps, inner_solver="lm", stationarity_tol=0.0, matvec="sparse",
+    cfg = dict(steps=steps, inner_solver="lm", stationarity_tol=0.0, matvec="sparse", lm_damping=1e-3,
                lm_pcg_tol=1e-13, lm_pcg_iters=500, precond="block_jacobi")
     theta0, lam, layout = prob["theta0"], prob["lam"], prob["layout"]
     t_leaf = theta0.clone().requires_grad_(True)

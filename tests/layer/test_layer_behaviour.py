@@ -76,6 +76,7 @@ def test_invalid_lambda_names_the_group(prob, group, value, kind):
     assert kind in str(exc.value)
 
 
+@pytest.mark.user_errors
 def test_layout_mismatches(prob):
     theta0, lam, views, layout = prob["theta0"], prob["lam"], prob["views"], prob["layout"]
     cfg = Diff3RConfig(**FAST)
@@ -245,8 +246,22 @@ def test_pcg_not_converged_warn(prob):
     # A converged solve on the same problem reports convergence.
     g_t2, _, info2 = _backward(prob, dataclasses.replace(cfg, pcg_maxiter=500, pcg_tol=1e-6))
     assert info2.pcg_converged.tolist() == [True]
-    assert float(info2.pcg_rel_residual[0]) <= 1e-6 * 1.5
+    assert float(info2.pcg_rel_residual[0]) <= 1e-6
     assert float(torch.nn.functional.cosine_similarity(g_t, g_t2)) < 0.9999
+
+
+def test_pcg_converged_means_within_the_tolerance_without_margin(prob):
+    # A solve stopped at maxiter whose true residual lies just above the tolerance (within
+    # 1.5x of it) is reported as not converged: the layer tells the truth, the caller picks
+    # any margin it wants from pcg_rel_residual.
+    cfg = Diff3RConfig(**FAST, pcg_maxiter=3, on_failure="fallback")
+    rel = float(_backward(prob, cfg)[2].pcg_rel_residual[0])
+    assert 0 < rel < 0.5
+    _, _, info = _backward(prob, dataclasses.replace(cfg, pcg_tol=rel / 1.2))
+    assert float(info.pcg_rel_residual[0]) == pytest.approx(rel, rel=1e-6)
+    assert info.pcg_converged.tolist() == [False]
+    _, _, info = _backward(prob, dataclasses.replace(cfg, pcg_tol=rel * 1.01))
+    assert info.pcg_converged.tolist() == [True]
 
 
 def test_pcg_not_converged_fallback_is_silent_but_recorded(prob):

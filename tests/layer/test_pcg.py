@@ -1,5 +1,5 @@
 """Batched PCG (``diff3r_plugin.layer.pcg``) and the Hessian matrix-vector products
-(``diff3r_plugin.layer.matvec``) against dense references."""
+(``diff3r_plugin.layer.hessian.HessianOperator``) against dense references."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ import torch
 from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianParams
 from diff3r_plugin.layer import ContextViews, Objective, pcg
-from diff3r_plugin.layer.matvec import (ExactHessian, GaussNewtonAutodiff, GaussNewtonFiniteDifference,
-                                        make_matvec)
+from diff3r_plugin.config import Diff3RConfig
+from diff3r_plugin.layer import HessianOperator
 from diff3r_plugin.render.api import render_params
 
 F64 = torch.float64
@@ -233,7 +233,7 @@ def tiny():
 
 def test_gauss_newton_autodiff_equals_explicit_jacobian(tiny):
     jac, p, lam = tiny["jac"], tiny["p"], tiny["lam"]
-    mv = GaussNewtonAutodiff(tiny["obj"], tiny["theta"], tiny["theta"], lam)
+    mv = HessianOperator(tiny["obj"], tiny["theta"], tiny["theta"], lam, Diff3RConfig(matvec="autodiff"))
     idx = torch.arange(1)
     expected = (jac.T @ (jac @ p[0]) + lam[0] * p[0])[None]
     got = mv(p, idx)
@@ -241,23 +241,22 @@ def test_gauss_newton_autodiff_equals_explicit_jacobian(tiny):
     # The pieces on their own.
     assert rel(mv.jvp(p, idx), (jac @ p[0])[None]) < 1e-10
     u = torch.randn(1, jac.shape[0], dtype=F64, generator=torch.Generator().manual_seed(0))
-    assert rel(mv.jt(u, idx), (jac.T @ u[0])[None]) < 1e-10
+    assert rel(mv.vjp(u, idx), (jac.T @ u[0])[None]) < 1e-10
     assert mv.num_matvecs == 1
 
 
 def test_finite_difference_jvp_matches_exact(tiny):
     jac, p, lam = tiny["jac"], tiny["p"], tiny["lam"]
     idx = torch.arange(1)
-    fd = GaussNewtonFiniteDifference(tiny["obj"], tiny["theta"], tiny["theta"], lam, fd_eps=1e-6)
+    fd = HessianOperator(tiny["obj"], tiny["theta"], tiny["theta"], lam,
+                         Diff3RConfig(matvec="finite_difference", fd_eps=1e-6))
+    assert (fd.product, fd.precond) == ("finite_difference", "jacobi")
     exact_jvp = (jac @ p[0])[None]
     err = rel(fd.jvp(p, idx), exact_jvp)
     assert err < 1e-4, err
     # And the whole Gauss-Newton product, through the renderer's own backward for J^T.
     expected = (jac.T @ exact_jvp[0] + lam[0] * p[0])[None]
     assert rel(fd(p, idx), expected) < 1e-4
-    # make_matvec picks it by name.
-    mv = make_matvec("finite_difference", "gauss_newton", tiny["obj"], tiny["theta"], tiny["theta"], lam, 1e-6)
-    assert isinstance(mv, GaussNewtonFiniteDifference)
 
 
 def test_exact_hessian_matches_autograd_hessian(tiny):
@@ -268,27 +267,27 @@ def test_exact_hessian_matches_autograd_hessian(tiny):
         return 0.5 * (r * r).sum()
 
     hess = torch.autograd.functional.hessian(data_term, theta[0])
-    mv = ExactHessian(obj, theta, theta, lam)
+    mv = HessianOperator(obj, theta, theta, lam, Diff3RConfig(matvec="autodiff", hessian="exact"))
+    assert (mv.product, mv.precond) == ("exact", "jacobi")
     got = mv(p, torch.arange(1))
     expected = (hess @ p[0] + lam[0] * p[0])[None]
     assert rel(got, expected) < 1e-8, rel(got, expected)
     # The exact Hessian differs from Gauss-Newton by the residual-curvature term sum_k r_k H_k,
     # which is not negligible here (residuals are non-zero).
-    gn = GaussNewtonAutodiff(obj, theta, theta, lam)(p, torch.arange(1))
+    gn = HessianOperator(obj, theta, theta, lam, Diff3RConfig(matvec="autodiff"))(p, torch.arange(1))
     assert rel(gn, expected) > 1e-4
-    assert isinstance(make_matvec("autodiff", "exact", obj, theta, theta, lam, 1e-3), ExactHessian)
 
 
 def test_jtj_diag_estimate_is_unbiased_and_non_negative(tiny):
     jac = tiny["jac"]
     true = (jac * jac).sum(0)
     gen = torch.Generator().manual_seed(7)
-    for cls in (GaussNewtonAutodiff, GaussNewtonFiniteDifference):
-        mv = cls(tiny["obj"], tiny["theta"], tiny["theta"], tiny["lam"])
-        est = mv.jtj_diag(400, gen)[0]
+    for product in ("autodiff", "finite_difference"):
+        mv = HessianOperator(tiny["obj"], tiny["theta"], tiny["theta"], tiny["lam"], Diff3RConfig(matvec=product))
+        est = mv.products.jtj_diag(400, gen)[0]
         assert bool((est >= 0).all())
         err = rel(est, true)
-        assert err < 0.15, (cls.__name__, err)
+        assert err < 0.15, (product, err)
         # Few probes: noisy but still never negative.
-        few = mv.jtj_diag(2, gen)[0]
+        few = mv.products.jtj_diag(2, gen)[0]
         assert bool((few >= 0).all())

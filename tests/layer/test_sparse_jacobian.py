@@ -9,9 +9,11 @@ from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.gaussians.layout import GROUPS
 from diff3r_plugin.layer import ContextViews, Objective, diff3r_layer, pcg
+from diff3r_plugin.errors import ConfigError
+from diff3r_plugin.layer import HessianOperator
 from diff3r_plugin.layer.inner import lm_solve
-from diff3r_plugin.layer.matvec import GaussNewtonAutodiff, GaussNewtonSparse, make_matvec
-from diff3r_plugin.layer.sparse_jacobian import SparseJacobian, block_preconditioner, gaussian_slots
+from diff3r_plugin.layer.preconditioners import block_preconditioner
+from diff3r_plugin.layer.sparse_jacobian import gaussian_slots
 from diff3r_plugin.render.api import render_params
 
 F64 = torch.float64
@@ -39,7 +41,15 @@ def problem(gaussians=40, size=14, views=2, batch=2, sh_degree=1, pose_views=1, 
     return obj, layout, theta
 
 
-def explicit_jacobian(mv: GaussNewtonAutodiff, n: int, b: int) -> torch.Tensor:
+def autodiff(obj, theta, lam):
+    return HessianOperator(obj, theta, theta, lam, Diff3RConfig(matvec="autodiff", precond="none"))
+
+
+def sparse_op(obj, theta, lam, precond="block_jacobi"):
+    return HessianOperator(obj, theta, theta, lam, Diff3RConfig(precond=precond))
+
+
+def explicit_jacobian(mv: HessianOperator, n: int, b: int) -> torch.Tensor:
     idx = torch.arange(b)
     eye = torch.eye(n, dtype=F64)
     return torch.stack([mv.jvp(eye[k].expand(b, n).contiguous(), idx) for k in range(n)], -1)
@@ -52,43 +62,43 @@ def test_products_match_autodiff_through_the_renderer(sh_degree, pose_views, rob
     b = theta.shape[0]
     idx = torch.arange(b)
     lam = torch.ones_like(theta)
-    ref = GaussNewtonAutodiff(obj, theta, theta, lam)
-    sparse = GaussNewtonSparse(obj, theta, theta, lam)
+    ref = autodiff(obj, theta, lam)
+    sparse = sparse_op(obj, theta, lam)
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(theta.shape, generator=gen, dtype=F64)
     u = torch.randn(ref.jvp(p, idx).shape, generator=gen, dtype=F64)
-    assert sparse.full().plan.num_pairs > 100
-    for a, r in ((sparse.jvp(p, idx), ref.jvp(p, idx)), (sparse.jt(u, idx), ref.jt(u, idx)),
+    assert sparse.jacobian.plan.num_pairs > 100
+    for a, r in ((sparse.jvp(p, idx), ref.jvp(p, idx)), (sparse.vjp(u, idx), ref.vjp(u, idx)),
                  (sparse(p, idx), ref(p, idx))):
         assert float((a - r).norm() / r.norm()) < 1e-10
     # The residual of the linearization is the objective's residual.
     r0 = obj.residual(theta, sqrt_w=obj.pixel_weights(theta))
-    assert float((sparse.full().residual - r0).abs().max()) < 1e-12
+    assert float((sparse.jacobian.residual - r0).abs().max()) < 1e-12
 
 
 def test_diagonal_and_blocks_are_exact():
     obj, layout, theta = problem(gaussians=12, size=10, sh_degree=1, pose_views=1)
     b, n = theta.shape
     lam = torch.ones_like(theta)
-    j = explicit_jacobian(GaussNewtonAutodiff(obj, theta, theta, lam), n, b)  # [b, m, n]
+    j = explicit_jacobian(autodiff(obj, theta, lam), n, b)  # [b, m, n]
     jtj = j.transpose(1, 2) @ j
-    sparse = GaussNewtonSparse(obj, theta, theta, lam)
+    sparse = sparse_op(obj, theta, lam)
     diag = torch.diagonal(jtj, dim1=1, dim2=2)
-    assert float((sparse.jtj_diag() - diag).abs().max() / diag.abs().max()) < 1e-12
+    assert float((sparse.data_diagonal() - diag).abs().max() / diag.abs().max()) < 1e-12
     assert float(diag[:, layout.slices["pose"]].min()) > 0  # the pose entries are covered too
     slots = gaussian_slots(layout)
-    blocks = sparse.full().block_diagonal()
+    blocks = sparse.jacobian.block_diagonal()
     ref = jtj[:, slots[:, :, None], slots[:, None, :]]
     assert float((blocks - ref).abs().max() / ref.abs().max()) < 1e-12
     # The diagonal read off the blocks (Gaussian entries) plus the pose pass is the same.
-    from_blocks = sparse.full().diagonal(blocks=blocks)
+    from_blocks = sparse.jacobian.diagonal(blocks=blocks)
     assert float((from_blocks - diag).abs().max() / diag.abs().max()) < 1e-12
 
 
 def test_a_subset_of_scenes_gives_the_rows_of_the_full_batch():
     obj, layout, theta = problem(batch=3, pose_views=0, sh_degree=0, robust="none")
     lam = torch.ones_like(theta)
-    mv = GaussNewtonSparse(obj, theta, theta, lam)
+    mv = sparse_op(obj, theta, lam)
     p = torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
     full = mv(p, torch.arange(3))
     sub = mv(p[[0, 2]], torch.tensor([0, 2]))
@@ -121,11 +131,11 @@ def test_block_jacobi_cuts_pcg_iterations_on_a_rendering_system():
     obj, layout, theta = problem(gaussians=150, size=24, pose_views=0, sh_degree=0, robust="none",
                                  batch=1, dtype=torch.float32)
     lam = layout.per_group({g: 0.05 for g in GROUPS}, dtype=torch.float32)
-    mv = GaussNewtonSparse(obj, theta, theta, lam)
+    mv = sparse_op(obj, theta, lam)
     rhs = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
     iters = {}
-    for name, pre in (("none", None), ("jacobi", mv.jtj_diag() + lam),
-                      ("block", mv.block_preconditioner(lam))):
+    for name, pre in (("none", None), ("jacobi", sparse_op(obj, theta, lam, "jacobi").preconditioner()),
+                      ("block", mv.preconditioner())):
         x, res = pcg(mv, rhs, precond=pre, tol=1e-4, maxiter=5000)
         assert bool(res.converged.all()), name
         iters[name] = int(res.iterations)
@@ -136,9 +146,9 @@ def test_block_jacobi_cuts_pcg_iterations_on_a_rendering_system():
 def test_lm_with_sparse_products_agrees_with_the_renderer_objective():
     obj, layout, theta = problem(gaussians=30, size=12, pose_views=0, sh_degree=0, robust="none", batch=1)
     lam = torch.full_like(theta, 0.5)
-    res = lm_solve(obj, theta, lam, 30, tol=1e-9, matvec="sparse", pcg_iters=200, pcg_tol=1e-8)
-    ref = lm_solve(obj, theta, lam, 30, tol=1e-9, matvec="autodiff", pcg_iters=200, pcg_tol=1e-8,
-                   precond_probes=64)
+    cfg = Diff3RConfig(steps=30, stationarity_tol=1e-9, lm_pcg_iters=200, lm_pcg_tol=1e-8)
+    res = lm_solve(obj, theta, lam, cfg)
+    ref = lm_solve(obj, theta, lam, cfg.merge({"matvec": "autodiff", "precond_probes": 64}))
 
     def grad(t):
         t = t.detach().requires_grad_(True)
@@ -156,13 +166,19 @@ def test_lm_with_sparse_products_agrees_with_the_renderer_objective():
 
 
 def test_non_torch_backends_fall_back_to_finite_differences_and_diagonal_jacobi():
-    from diff3r_plugin.layer.layer import effective_matvec, effective_precond
     cfg = Diff3RConfig()
     assert cfg.matvec == "sparse" and cfg.precond == "block_jacobi"
-    assert effective_matvec(cfg, "torch") == "sparse"
-    assert effective_matvec(cfg, "gsplat") == "finite_difference"
-    assert effective_precond(cfg, "gsplat") == "jacobi"
-    assert effective_precond(cfg.merge({"hessian": "exact"}), "torch") == "jacobi"
+    assert cfg.resolved("torch") == cfg and cfg.resolution_notes("torch") == []
+    gs = cfg.resolved("gsplat")
+    assert (gs.matvec, gs.precond, gs.backend) == ("finite_difference", "jacobi", "gsplat")
+    notes = cfg.resolution_notes("gsplat")
+    assert len(notes) == 2 and "matvec" in notes[0] and "block_jacobi" in notes[1]
+    assert cfg.merge({"hessian": "exact"}).resolved("torch").precond == "jacobi"
+    # What cannot run is a ConfigError, at construction or when resolved for another backend.
+    with pytest.raises(ConfigError, match="hessian='exact' needs the torch backend"):
+        Diff3RConfig(hessian="exact", backend="gsplat")
+    with pytest.raises(ConfigError, match="hessian='exact' needs the torch backend"):
+        Diff3RConfig(hessian="exact").resolved("gsplat")
 
 
 def test_layer_reports_the_products_and_preconditioner_it_used():
@@ -173,8 +189,37 @@ def test_layer_reports_the_products_and_preconditioner_it_used():
     out, info = diff3r_layer(theta0, lam, obj.views, layout, cfg)
     out.square().sum().backward()
     assert info.matvec == "sparse" and info.precond == "block_jacobi"
+    assert info.backward_record.product == "sparse" and info.backward_record.precond == "block_jacobi"
     assert bool(info.pcg_converged.all())
     assert torch.isfinite(theta0.grad).all() and torch.isfinite(lam.grad).all()
-    with pytest.raises(ValueError, match="torch backend"):
-        make_matvec("sparse", "gauss_newton", Objective(obj.views, layout, backend="gsplat"),
-                    theta, theta, lam.detach(), 1e-3)
+    # The operator asks the same rule: what another backend cannot run fails before any render.
+    with pytest.raises(ConfigError, match="hessian='exact' needs the torch backend"):
+        HessianOperator(Objective(obj.views, layout, backend="gsplat"), theta, theta, lam.detach(),
+                        Diff3RConfig(hessian="exact"))
+
+
+@pytest.mark.parametrize("solver", ["lm", "adam"])
+def test_one_jacobian_per_linearization_point(solver, monkeypatch):
+    """LM builds one Jacobian at theta0 and one per candidate; the implicit backward reuses the
+    forward's last one (at theta*), so it builds none after LM and exactly one after Adam."""
+    from diff3r_plugin.layer.sparse_jacobian import SparseJacobian
+    obj, layout, theta = problem(gaussians=30, size=12, pose_views=0, sh_degree=0, robust="none", batch=1)
+    builds = []
+    original = SparseJacobian.build.__func__
+
+    def counting(cls, *args, **kwargs):
+        builds.append(1)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SparseJacobian, "build", classmethod(counting))
+    theta0 = theta.clone().requires_grad_(True)
+    cfg = Diff3RConfig(steps=4, inner_solver=solver, stationarity_tol=0.0, pcg_tol=1e-6, pcg_maxiter=500)
+    out, info = diff3r_layer(theta0, torch.full_like(theta, 0.5), obj.views, layout, cfg)
+    forward = len(builds)
+    out.square().sum().backward()
+    if solver == "lm":
+        # No relinearization at a mixed iterate with one scene: 1 + one per step taken.
+        assert forward == 1 + int(info.inner_steps[0]) and len(builds) == forward
+    else:
+        assert forward == 0 and len(builds) == 1
+    assert bool(info.pcg_converged.all()) and torch.isfinite(theta0.grad).all()

@@ -79,6 +79,7 @@ def test_module_passes_the_warm_start(problem):
     assert info2.warm_started and int(info2.pcg_iters[0]) == 0
 
 
+@pytest.mark.user_errors
 def test_bad_warm_start_is_refused(problem):
     views, layout, theta0, lam, _ = problem
     cfg = Diff3RConfig(steps=1, inner_solver="lm")
