@@ -8,7 +8,8 @@ geometric mean of the group's entries,
     Lambda_g(i) = exp( mean_{k in group g} log Lambda_{i,k} ),
 
 (with the head's ``granularity="group"`` all entries of a group are equal, so it is their value),
-drawn as ``log10 Lambda`` on one colour scale per group. A large Lambda holds that attribute of
+drawn as ``log10 Lambda`` on one colour scale per group (spanning the 2nd to 98th percentile
+of that group's values; the few beyond it are drawn at the ends of the scale). A large Lambda holds that attribute of
 that Gaussian near the encoder's prediction during TTO; a small one lets TTO move it.
 """
 
@@ -57,7 +58,8 @@ def lambda_per_pixel(lam: Float[Tensor, " n"], layout: GaussianLayout, num_views
 def save_lambda_map(context: Float[Tensor, "view 3 height width"],
                     maps: dict[str, Float[Tensor, "view height width"]], path: str | Path,
                     title: str = "") -> Path:
-    """Rows: context views; columns: the context image, then ``log10 Lambda`` per group."""
+    """Rows: context views; columns: the context image, then ``log10 Lambda`` per group (colour
+    scale: the group's 2nd to 98th percentile)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,7 +70,9 @@ def save_lambda_map(context: Float[Tensor, "view 3 height width"],
     fig, axes = plt.subplots(views, cols, figsize=(1.7 * cols, 1.7 * views + 0.6), squeeze=False)
     for c, name in enumerate(names, start=1):
         logs = maps[name].detach().double().log10().cpu()
-        lo, hi = float(logs.min()), float(logs.max())
+        # 2-98 % of the values: a few extreme pixels (image corners) would flatten the rest.
+        lo, hi = (float(q) for q in torch.quantile(logs.flatten(), torch.tensor([0.02, 0.98],
+                                                                              dtype=logs.dtype)))
         if hi - lo < 1e-6:  # a constant map: give the colour scale some width
             lo, hi = lo - 0.5, hi + 0.5
         for r in range(views):
