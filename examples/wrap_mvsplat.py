@@ -7,7 +7,7 @@ the upstream ``EncoderCostVolume`` is built (random weights, or ``--checkpoint``
 place (state_dict keys unchanged), trained for ``--steps`` Diff3R steps on ``--data`` and
 evaluated (zero-shot vs. Diff3R TTO). ``--device cpu`` renders with the plugin's TorchDecoder.
 
-Without ``--upstream`` (the main job, offline, a few minutes on a laptop CPU) the built-in
+Without ``--upstream`` (the main job, offline, about a minute of CPU time) the built-in
 pose-given ``TinyPoseGivenEncoder`` is trained briefly with and without the Diff3R layer on embedded
 scenes, and held-out scenes are evaluated as zero-shot, zero-shot + TTO and Diff3R + TTO: a
 table (PSNR, SSIM, LPIPS, TTO steps), ``grid.png``, ``psnr_vs_steps.png``, ``lambda_map.png``

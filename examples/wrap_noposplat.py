@@ -9,7 +9,7 @@ evaluated (zero-shot vs. Diff3R TTO). The context images come in normalized to [
 NoPoSplat shim (the adapter maps them back), context view 0 is the identity and the pose of
 view 1 is estimated by PnP on its predicted means, then refined in the TTO (layout pose group). ``--device cpu`` renders with the plugin's TorchDecoder.
 
-Without ``--upstream`` (the main job, offline, a few minutes on a laptop CPU) the built-in
+Without ``--upstream`` (the main job, offline, about a minute of CPU time) the built-in
 pose-free ``TinyPoseFreeEncoder`` is trained briefly with and without the Diff3R layer on embedded
 scenes, and held-out scenes are evaluated as zero-shot, zero-shot + TTO and Diff3R + TTO: a
 table (PSNR, SSIM, LPIPS, TTO steps), ``grid.png``, ``psnr_vs_steps.png``, ``lambda_map.png``
