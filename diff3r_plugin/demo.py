@@ -243,6 +243,9 @@ def build_parser(kind: Kind, doc: str, prog: str | None = None, default_out: str
     p.add_argument("--steps-list", default=None,
                    help="TTO step counts of the PSNR curve, e.g. 0,1,2,5,10 (default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the tensors are tiny, and on a busy "
+                        "CPU more threads mostly wait on each other)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON line (the log goes to stderr)")
     return p
@@ -261,12 +264,17 @@ def main(kind: Kind, doc: str, argv: Sequence[str] | None = None, *, prog: str |
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     try:
         _check_counts(steps=args.steps, train_scenes=args.train_scenes, eval_scenes=args.eval_scenes,
-                      tto_steps=args.tto_steps, image_size=args.image_size)
+                      tto_steps=args.tto_steps, image_size=args.image_size, threads=args.threads)
         prepare_out_dir(args.out)  # fail before training, not after
-        result = run_demo(kind, out=args.out, steps=args.steps, image_size=args.image_size,
-                          train_scenes=args.train_scenes, eval_scenes=args.eval_scenes,
-                          tto_steps=args.tto_steps, steps_list=steps_list, seed=args.seed,
-                          progress=not args.quiet, log=log)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            result = run_demo(kind, out=args.out, steps=args.steps, image_size=args.image_size,
+                              train_scenes=args.train_scenes, eval_scenes=args.eval_scenes,
+                              tto_steps=args.tto_steps, steps_list=steps_list, seed=args.seed,
+                              progress=not args.quiet, log=log)
+        finally:
+            torch.set_num_threads(threads)
     except UsageError as exc:
         parser.error(str(exc))
     if args.json:

@@ -79,6 +79,7 @@ def test_second_run_overwrites_its_own_files_only(tmp_path, capsys):
     (["--steps", "many"], "--steps"),
     (["--steps-list", "1,x"], "--steps-list"),
     (["--steps", "0"], ">= 1"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_options_are_one_line_usage_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
