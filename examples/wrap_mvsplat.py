@@ -7,11 +7,16 @@ the upstream ``EncoderCostVolume`` is built (random weights, or ``--checkpoint``
 place (state_dict keys unchanged), trained for ``--steps`` Diff3R steps on ``--data`` and
 evaluated (zero-shot vs. Diff3R TTO). ``--device cpu`` renders with the plugin's TorchDecoder.
 
-Without ``--upstream`` the built-in ``TinyPoseGivenEncoder`` runs on an embedded scene.
+Without ``--upstream`` (the main job, offline, about a minute of CPU time) the built-in
+pose-given ``TinyPoseGivenEncoder`` is trained briefly with and without the Diff3R layer on embedded
+scenes, and held-out scenes are evaluated as zero-shot, zero-shot + TTO and Diff3R + TTO: a
+table (PSNR, SSIM, LPIPS, TTO steps), ``grid.png``, ``psnr_vs_steps.png``, ``lambda_map.png``
+and ``demo.json`` in ``--out`` (default ``outputs/wrap_mvsplat/``); see ``diff3r_plugin.demo``.
 
 Examples::
 
-    python examples/wrap_mvsplat.py --json
+    python examples/wrap_mvsplat.py
+    python examples/wrap_mvsplat.py --json --out /tmp/mvsplat_demo
     python examples/wrap_mvsplat.py --upstream ../mvsplat \
         --data ../shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
     python examples/wrap_mvsplat.py --repo depthsplat --upstream ../depthsplat --steps 2 --json
@@ -23,7 +28,22 @@ Examples::
 
 import sys
 
-from diff3r_plugin.integration.upstream import example_main
+from diff3r_plugin.demo import main as builtin_main
+
+
+def upstream_main(argv):
+    """The ``--upstream`` path: the upstream checkout's own encoder, wrapped in place."""
+    from diff3r_plugin.integration.upstream import example_main
+
+    return example_main("mvsplat", "pose_given", __doc__, argv)
+
+
+def uses_upstream(argv) -> bool:
+    return any(a in ("--upstream", "--repo") or a.startswith(("--upstream=", "--repo=")) for a in argv)
+
 
 if __name__ == "__main__":
-    sys.exit(example_main("mvsplat", "pose_given", __doc__))
+    argv = sys.argv[1:]
+    if uses_upstream(argv):
+        sys.exit(upstream_main(argv))
+    sys.exit(builtin_main("pose_given", __doc__, argv, default_out="outputs/wrap_mvsplat"))

@@ -9,18 +9,38 @@ evaluated (zero-shot vs. Diff3R TTO). The context images come in normalized to [
 NoPoSplat shim (the adapter maps them back), context view 0 is the identity and the pose of
 view 1 is estimated by PnP on its predicted means, then refined in the TTO (layout pose group). ``--device cpu`` renders with the plugin's TorchDecoder.
 
-Without ``--upstream`` the built-in ``TinyPoseFreeEncoder`` runs on an embedded scene.
+Without ``--upstream`` (the main job, offline, about a minute of CPU time) the built-in
+pose-free ``TinyPoseFreeEncoder`` is trained briefly with and without the Diff3R layer on embedded
+scenes, and held-out scenes are evaluated as zero-shot, zero-shot + TTO and Diff3R + TTO: a
+table (PSNR, SSIM, LPIPS, TTO steps), ``grid.png``, ``psnr_vs_steps.png``, ``lambda_map.png``
+and ``demo.json`` in ``--out`` (default ``outputs/wrap_noposplat/``); see ``diff3r_plugin.demo``.
 
 Examples::
 
-    python examples/wrap_noposplat.py --json
+    python examples/wrap_noposplat.py
+    python examples/wrap_noposplat.py --json --out /tmp/noposplat_demo
     python examples/wrap_noposplat.py --upstream ../NoPoSplat \
         --data ../shared/data/re10k_demo_padded360x640 --image-size 64 --steps 3 --json
 """
 
 import sys
 
-from diff3r_plugin.integration.upstream import example_main
+from diff3r_plugin.demo import main as builtin_main
+
+
+def upstream_main(argv):
+    """The ``--upstream`` path: the upstream checkout's own encoder, wrapped in place."""
+    from diff3r_plugin.integration.upstream import example_main
+
+    return example_main("noposplat", "pose_free", __doc__, argv)
+
+
+def uses_upstream(argv) -> bool:
+    return any(a in ("--upstream", "--repo") or a.startswith(("--upstream=", "--repo=")) for a in argv)
+
 
 if __name__ == "__main__":
-    sys.exit(example_main("noposplat", "pose_free", __doc__))
+    argv = sys.argv[1:]
+    if uses_upstream(argv):
+        sys.exit(upstream_main(argv))
+    sys.exit(builtin_main("pose_free", __doc__, argv, default_out="outputs/wrap_noposplat"))

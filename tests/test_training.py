@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diff3r_plugin.data.embedded import EmbeddedDataset
@@ -55,3 +56,32 @@ def test_baseline_mode_trains_without_layer():
     with torch.no_grad():
         after, _ = training_step(enc, None, batch, method="baseline", config=cfg, lpips_weight=0)
     assert float(after) < float(before) and len(res.losses) == 8
+
+
+def test_capped_pcg_is_summarized_once_per_run_not_warned_per_step(caplog, recwarn):
+    batch, enc, head = _setup()
+    cfg = tto_config(2, pcg_maxiter=2, precond_probes=1)  # far too few iterations to converge
+    with caplog.at_level("INFO", logger="diff3r_plugin.training"):
+        res = train(enc, head, [batch], 3, method="diff3r", config=cfg, progress=False, lpips_weight=0)
+    assert not [w for w in recwarn if "PCG did not converge" in str(w.message)]
+    assert res.pcg.steps == 3 and res.pcg.capped == 3
+    assert res.pcg.worst_rel_residual > cfg.pcg_tol
+    assert max(l["pcg_rel_residual"] for l in res.logs) == res.pcg.worst_rel_residual
+    lines = [r.getMessage() for r in caplog.records if "PCG stopped at its cap" in r.getMessage()]
+    assert len(lines) == 1 and "3 of 3 steps" in lines[0] and f"{res.pcg.worst_rel_residual:.2e}" in lines[0]
+
+
+def test_capped_pcg_still_warns_when_convergence_was_asked_for():
+    batch, enc, head = _setup()
+    cfg = tto_config(2, pcg_maxiter=2, precond_probes=1, on_failure="warn")
+    with pytest.warns(RuntimeWarning, match="PCG did not converge"):
+        res = train(enc, head, [batch], 1, method="diff3r", config=cfg, progress=False, lpips_weight=0)
+    assert res.pcg.capped == 1
+
+
+def test_baseline_run_has_no_pcg_summary(caplog):
+    batch, enc, _ = _setup()
+    with caplog.at_level("INFO", logger="diff3r_plugin.training"):
+        res = train(enc, None, [batch], 1, method="baseline", config=tto_config(2), progress=False,
+                    lpips_weight=0)
+    assert res.pcg.steps == 0 and not caplog.records

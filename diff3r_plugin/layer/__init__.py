@@ -1,6 +1,7 @@
 """The Diff3R layer: inner solvers, the Hessian operator, implicit (IFT + PCG) and unrolled
 backward, diagnostics."""
 
+from .. import forward_ad_setup  # noqa: F401  (quiets torch's jit deprecation warning)
 from .diagnostics import BackwardRecord, Diff3RInfo
 from .hessian import HessianOperator
 from .implicit import implicit_solve

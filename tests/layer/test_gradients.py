@@ -20,11 +20,14 @@ F64 = torch.float64
 G, SIZE = 12, 10
 NOISE = 0.03  # perturbation of the true parameters w.r.t. theta0
 LAM = 0.5
-EPS = 1e-3  # central finite-difference step (float64; the solve is converged to ~1e-10)
+EPS = 1e-3  # central finite-difference step for theta0 and (relative) for Lambda
 K = 2  # random directions for theta0 and for Lambda each
 
-# Converged inner solve: LM to stationarity 1e-10 (rel. gradient norm), tight backward PCG.
-# The energy has small jumps (pairs crossing alpha = 1/255, depth-order swaps), so central
+# Converged inner solve: LM towards stationarity 1e-10 (rel. gradient norm), tight backward PCG.
+# Where a row stops short of 1e-10 depends on the processor's rounding (LM's accept test compares
+# energies that differ in their last digits; more steps do not help: rows stall between 1e-10
+# and ~4e-8). The finite differences therefore use first-order corrected losses (see
+# ``converged_fd``), which makes them independent of where each row stopped. The energy has small jumps (pairs crossing alpha = 1/255, depth-order swaps), so central
 # differences of the solution map are valid only while every perturbed solve stays on one smooth
 # branch; with this seed that holds for LM with products through the renderer ("autodiff").
 # The LM settings are pinned (not the option file's training defaults, which take two short steps).
@@ -71,12 +74,17 @@ def prob():
 
 @pytest.fixture(scope="module")
 def fd(prob):
+    return converged_fd(prob)
+
+
+def converged_fd(prob):
     """One batched, converged solve of the base point and of every perturbed point.
 
     Row 0 is the base point (leaf tensors with requires_grad): the implicit exact-Hessian
     gradient comes from it. Rows 1.. are theta0 +- EPS u_k and Lambda * (1 +- EPS w_k); their
-    outer losses give the central differences (each row is re-solved to convergence). Their
-    cotangent is zero, so the backward PCG leaves them at once.
+    outer losses give the central differences (each row is re-solved towards convergence).
+    Every row's loss is backpropagated, so the backward's solution v of ``H v = dL/dtheta`` at
+    each row's ``theta_K`` gives that row's first-order loss correction.
     """
     theta0, lam, layout = prob["theta0"], prob["lam"], prob["layout"]
     gen = torch.Generator().manual_seed(123)
@@ -94,15 +102,25 @@ def fd(prob):
     theta_star, info = diff3r_layer(torch.cat([t_leaf, t_rows]), torch.cat([l_leaf, l_rows]),
                                     prob["views_b"](b), layout, cfg)
     losses = prob["outer"](theta_star)
-    losses[0].backward()
+    losses.sum().backward()
     with torch.no_grad():
-        fd_theta = (losses[1:1 + K] - losses[1 + K:1 + 2 * K]) / (2 * EPS)
-        fd_lam = (losses[1 + 2 * K:1 + 3 * K] - losses[1 + 3 * K:]) / (2 * EPS)
+        # First-order correction of each loss to the exact optimum of its row:
+        # theta* - theta_K = -H^-1 grad E(theta_K), so L(theta*) = L(theta_K) - v . grad E(theta_K)
+        # with v = H^-1 dL/dtheta (the backward's solution). The remaining error is quadratic
+        # in the distance to theta* and far below what the comparisons below resolve.
+        v = info.implicit_solution
+        correction = (v * info.final_grad).sum(1)
+        corrected = losses.detach() - correction
+        fd_theta = (corrected[1:1 + K] - corrected[1 + K:1 + 2 * K]) / (2 * EPS)
+        fd_lam = (corrected[1 + 2 * K:1 + 3 * K] - corrected[1 + 3 * K:]) / (2 * EPS)
+        # What the correction moved each central difference by (it must stay a correction).
+        shift_theta = (correction[1:1 + K] - correction[1 + K:1 + 2 * K]).abs() / (2 * EPS)
+        shift_lam = (correction[1 + 2 * K:1 + 3 * K] - correction[1 + 3 * K:]).abs() / (2 * EPS)
     # Context residual at the optimum relative to the images (GN is exact only if it is 0).
     obj = Objective(prob["views"], layout)
     r = obj.residual(theta_star[:1].detach())
     return dict(u=u, dlam=dlam, fd_theta=fd_theta, fd_lam=fd_lam, info=info,
-                theta_star=theta_star[:1].detach(), grad_theta0=t_leaf.grad.clone(),
+                shift_theta=shift_theta, shift_lam=shift_lam, theta_star=theta_star[:1].detach(), grad_theta0=t_leaf.grad.clone(),
                 grad_lam=l_leaf.grad.clone(),
                 rel_residual=float(r.norm() / prob["views"].images.norm()))
 
@@ -120,13 +138,27 @@ def directional_gaps(fd, grad_theta0, grad_lam):
 
 def test_inner_solve_converged(fd):
     info = fd["info"]
-    # The IFT gradient is only exact at a stationary point: every row must be (near) there.
-    assert float(info.stationarity.max()) < 1e-8, info.stationarity.tolist()
+    # The IFT gradient is only exact at a stationary point: every row must be near one. Rows
+    # stall between 1e-10 and ~4e-8 depending on rounding; 1e-6 keeps the first-order loss
+    # correction's own error (quadratic in the distance to theta*) negligible.
+    assert float(info.stationarity.max()) < 1e-6, info.stationarity.tolist()
     assert int(info.nan_rollbacks.sum()) == 0
-    assert bool(info.pcg_converged[0]) and float(info.pcg_rel_residual[0]) < 1e-9
-    # Rows with a zero cotangent cost no PCG iterations.
-    assert int(info.pcg_iters[1:].max()) == 0 and int(info.pcg_iters[0]) > 0
+    assert bool(info.pcg_converged.all()) and float(info.pcg_rel_residual.max()) < 1e-9
     assert bool((fd["fd_theta"].abs() > 1e-3).all()) and bool((fd["fd_lam"].abs() > 1e-5).all())
+    # The correction is small next to the differences it corrects: it removes the noise of
+    # where each row stopped, it does not carry the signal.
+    assert float(fd["shift_theta"].max()) < 0.05 * float(fd["fd_theta"].norm()), fd["shift_theta"]
+    assert float(fd["shift_lam"].max()) < 0.05 * float(fd["fd_lam"].norm()), fd["shift_lam"]
+
+
+def test_zero_cotangent_rows_cost_no_pcg_iterations(prob):
+    t = _expand(prob["theta0"], 2).clone().requires_grad_(True)
+    lam = _expand(prob["lam"], 2).clone().requires_grad_(True)
+    cfg = Diff3RConfig(steps=3, inner_solver="adam", pcg_tol=1e-8, pcg_maxiter=500)
+    theta_star, info = diff3r_layer(t, lam, prob["views_b"](2), prob["layout"], cfg)
+    prob["outer"](theta_star)[0].backward()
+    assert int(info.pcg_iters[0]) > 0 and int(info.pcg_iters[1]) == 0
+    assert float(t.grad[1].abs().max()) == 0 and float(t.grad[0].abs().max()) > 0
 
 
 def test_implicit_exact_hessian_matches_finite_differences(fd):

@@ -134,12 +134,16 @@ def test_frozen_implicit_gradient_matches_finite_differences():
 
     views = ContextViews(expand(images), expand(s.extrinsics), expand(s.intrinsics), expand(s.near), expand(s.far))
     theta_star, info = diff3r_layer(rows_t, rows_l, views, layout, cfg)
-    assert float(info.stationarity.max()) < 1e-8, info.stationarity.tolist()
+    # Where each row stops (1e-12 .. ~5e-9 here) depends on the processor's rounding; the
+    # losses below are corrected to first order for it, so 1e-6 is all the check needs.
+    assert float(info.stationarity.max()) < 1e-6, info.stationarity.tolist()
     color = render_params(GaussianParams.unflatten(theta_star, layout), *(expand(t) for t in tcam), (10, 10)).color
     losses = (color ** 2).sum((1, 2, 3, 4))
-    losses[0].backward()
-    assert bool(info.pcg_converged[0])
+    losses.sum().backward()
+    assert bool(info.pcg_converged.all())
     with torch.no_grad():
+        # L(theta*) = L(theta_K) - v . grad E(theta_K), v = H^-1 dL/dtheta from the backward.
+        losses = losses.detach() - (info.implicit_solution * info.final_grad).sum(1)
         fd_t = (losses[1:1 + k] - losses[1 + k:1 + 2 * k]) / (2 * eps)
         fd_l = (losses[1 + 2 * k:1 + 3 * k] - losses[1 + 3 * k:]) / (2 * eps_l)
     an_t = u @ t_leaf.grad[0]
