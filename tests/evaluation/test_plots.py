@@ -45,6 +45,7 @@ def test_each_gaussian_lands_on_its_own_pixel_view_major():
     assert float(maps["means"][1, 0, 0]) == pytest.approx(H * W + 1)  # first pixel of view 1
 
 
+@pytest.mark.user_errors
 def test_not_one_gaussian_per_pixel_is_a_shape_error():
     layout = GaussianLayout(V * H * W + 1)
     with pytest.raises(ShapeError, match="not one per pixel"):
@@ -53,6 +54,7 @@ def test_not_one_gaussian_per_pixel_is_a_shape_error():
         lambda_per_pixel(torch.ones(1, layout.numel), layout, V, H, W)
 
 
+@pytest.mark.user_errors
 def test_non_positive_lambda_is_rejected_and_input_untouched():
     layout = GaussianLayout(V * H * W)
     lam = torch.ones(layout.numel)
