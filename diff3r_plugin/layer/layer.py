@@ -32,6 +32,7 @@ from ..config import Diff3RConfig
 from ..errors import (InvalidLambdaError, LayoutMismatchError, NonFiniteError, PCGNotConvergedError,
                       SolverDivergedError)
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
+from ..profiling import part
 from .diagnostics import Diff3RInfo, gradient_breakdown, scene_extent
 from .inner import adam_solve, lm_solve
 from .matvec import make_matvec
@@ -114,20 +115,22 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
     t0 = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         grad = grad.detach()
-        mv = make_matvec(effective_matvec(config, obj.backend), config.hessian, obj,
-                         theta_star.detach(), theta0.detach(), lam.detach(), config.fd_eps)
-        precond = None
-        if config.precond == "block_jacobi" and hasattr(mv, "block_preconditioner"):
-            precond = mv.block_preconditioner(lam.detach())
-        elif config.precond != "none":
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            precond = mv.jtj_diag(config.precond_probes, gen) + lam.detach()
-        v, res = pcg(mv, grad, precond=precond, x0=x0, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
-                     check_every=config.pcg_check_every)
-        # True residual of the returned solution (PCG's recursion can drift from it).
-        idx = torch.arange(grad.shape[0], device=grad.device)
-        gnorm = grad.norm(dim=1)
-        true_rel = (grad - mv(v, idx)).norm(dim=1) / gnorm.clamp_min(torch.finfo(grad.dtype).tiny)
+        with part("linearize"):
+            mv = make_matvec(effective_matvec(config, obj.backend), config.hessian, obj,
+                             theta_star.detach(), theta0.detach(), lam.detach(), config.fd_eps)
+            precond = None
+            if config.precond == "block_jacobi" and hasattr(mv, "block_preconditioner"):
+                precond = mv.block_preconditioner(lam.detach())
+            elif config.precond != "none":
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                precond = mv.jtj_diag(config.precond_probes, gen) + lam.detach()
+        with part("implicit_backward"):
+            v, res = pcg(mv, grad, precond=precond, x0=x0, tol=config.pcg_tol, maxiter=config.pcg_maxiter,
+                         check_every=config.pcg_check_every)
+            # True residual of the returned solution (PCG's recursion can drift from it).
+            idx = torch.arange(grad.shape[0], device=grad.device)
+            gnorm = grad.norm(dim=1)
+            true_rel = (grad - mv(v, idx)).norm(dim=1) / gnorm.clamp_min(torch.finfo(grad.dtype).tiny)
         true_rel = torch.where(gnorm > 0, true_rel, torch.zeros_like(true_rel))
     info.pcg_iters = res.iterations
     info.warm_started = x0 is not None
@@ -200,7 +203,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     wants_grad = (not inference) and torch.is_grad_enabled() and (theta0.requires_grad or lam.requires_grad)
     unroll = wants_grad and config.backward == "unroll"
     t_start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), part("tto_forward"):
         obj = Objective.for_layer(views, layout, config, theta0, backend)
         if unroll:
             t0_in, lam_in = theta0, lam
