@@ -1,4 +1,4 @@
-"""The ``diff3r`` command line: ``diff3r bench render|layer``, ``diff3r eval``, ``diff3r experiment``."""
+"""The ``diff3r`` command line: ``diff3r bench render|layer|step``, ``diff3r eval``, ``diff3r experiment``."""
 
 import argparse
 import json
@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     render_bench.add_arguments(p_render)
     p_render.add_argument("--json", action="store_true", help="print one JSON object")
     p_render.set_defaults(func=render_bench.run)
+
+    from .bench import step_bench
+    p_step = bench_sub.add_parser("step", help="one outer training step with and without the layer, by part")
+    step_bench.add_arguments(p_step)
+    p_step.add_argument("--json", action="store_true", help="print one JSON object")
+    p_step.set_defaults(func=step_bench.run)
 
     try:
         from .bench import layer_bench
