@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         p_layer.add_argument("--json", action="store_true")
         p_layer.set_defaults(func=layer_bench.run)
 
+    p_native = sub.add_parser("build-native", help="build the compiled CPU renderer kernels now (else on first use)")
+    p_native.add_argument("--json", action="store_true")
+    p_native.set_defaults(func=lambda args: __import__("diff3r_plugin.render.native", fromlist=["x"]).native_status())
+
     for name, module_name, help_text in (
         ("eval", "evaluation.eval_cli", "evaluate methods on a dataset"),
         ("experiment", "evaluation.experiment", "train baseline and Diff3R, then evaluate"),
