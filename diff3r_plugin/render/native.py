@@ -69,7 +69,14 @@ def native_status() -> dict:
 
 
 def _forward_ad_active(tensors) -> bool:
-    if torch._C._are_functorch_transforms_active():
+    """True inside torch.func transforms, torch.compile tracing, or with dual tensors."""
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms is not None and transforms():
+        return True
+    if transforms is None and any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
         return True
     import torch.autograd.forward_ad as fwad
 

@@ -64,13 +64,20 @@ std::vector<torch::Tensor> plan_impl(const torch::Tensor& box, const torch::Tens
     const int64_t* b = bx + 5 * g;
     const T* p = pk + 6 * g;
     const int64_t base = b[4] * h * w;
+    // o exp(power) >= 1/255 <=> power >= log(1 / (255 o)). Away from that threshold (by far
+    // more than exp's rounding) the test is decided without exp; near it, exactly as in the
+    // PyTorch path, so both give the same pairs.
+    const double thr = std::log(kAlphaMin / std::max(double(p[5]), 1e-300));
     for (int64_t y = b[3]; y < b[3] + b[1]; ++y) {
       const T dy = p[1] - T(y);
       for (int64_t x = b[2]; x < b[2] + b[0]; ++x) {
         const T dx = p[0] - T(x);
         const T power = T(-0.5) * (p[2] * dx * dx + p[4] * dy * dy) - p[3] * dx * dy;
-        const T alpha = std::min(p[5] * std::exp(power), amax);
-        if (power <= T(0) && alpha >= amin) {
+        if (power > T(0)) continue;
+        const double pw = double(power);
+        if (pw < thr - 1e-3) continue;
+        if (pw <= thr + 1e-3 && !(std::min(p[5] * std::exp(power), amax) >= amin)) continue;
+        {
           const int64_t pix = base + y * w + x;
           kept_pix.push_back(pix);
           kept_gid.push_back(g);
