@@ -9,11 +9,11 @@ from .base import Adapter, Diff3RState, WrapReport, unwrap_encoder
 from .mvsplat import MVSplatAdapter
 from .pixelsplat import PixelSplatAdapter
 from .depthsplat import DepthSplatAdapter
-from .noposplat import NoPoSplatAdapter, estimate_pose_pnp
+from .noposplat import NoPoSplatAdapter
 
 __all__ = ["Adapter", "DepthSplatAdapter", "Diff3RState", "MVSplatAdapter", "NoPoSplatAdapter",
            "PixelSplatAdapter", "WrapReport", "available_adapters", "detect_adapter",
-           "estimate_pose_pnp", "get_adapter", "register_adapter", "unwrap_encoder"]
+           "get_adapter", "register_adapter", "unwrap_encoder"]
 
 
 def detect_adapter(encoder) -> str:

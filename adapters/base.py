@@ -33,24 +33,21 @@ saving (what Lightning does) is unaffected. :func:`unwrap_encoder` restores the 
 This choice is reported at wrap time (``logging`` at INFO level and ``encoder.diff3r.report``).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import ConfigError, ShapeError
 from diff3r_plugin.gaussians.layout import GaussianParams, UpstreamExtras, from_upstream, to_upstream
 from diff3r_plugin.geometry.sh import MAX_RENDER_DEGREE, degree_from_coeffs
-
-if TYPE_CHECKING:  # the layer (and the renderer) are imported lazily: `import adapters` stays cheap
-    from diff3r_plugin.layer import ContextViews
+from diff3r_plugin.layer.views import ContextViews
 
 __all__ = ["Adapter", "Diff3RState", "RebuildFn", "WrapReport", "GAUSSIAN_FIELDS"]
 
@@ -173,7 +170,9 @@ class Adapter:
         return output, lambda g: g
 
     # ------------------------------------------------------------------ context
-    def normalize_images(self, images: Tensor) -> Tensor:
+    def normalize_images(
+        self, images: Float[Tensor, "batch view 3 height width"]
+    ) -> Float[Tensor, "batch view 3 height width"]:
         """Undo an encoder data shim's normalization (identity for pose-given backbones)."""
         return images
 
@@ -204,8 +203,6 @@ class Adapter:
                 raise ShapeError(
                     f"{self.name}: context has {v} image view(s) per scene (batch {b}) but "
                     f"context[{k!r}] has shape {shape}: the view counts must match")
-        from diff3r_plugin.layer import ContextViews
-
         bg = None if self.background is None else self.background.to(images.device)
         views = ContextViews(self.normalize_images(images).float(), context["extrinsics"].float(),
                              context["intrinsics"].float(), context["near"].float(),
@@ -261,7 +258,7 @@ class Adapter:
                                init=h.init, hidden=h.hidden)
 
     def compute_lambda(self, params: GaussianParams, views: ContextViews, config: Diff3RConfig,
-                       head: Optional[nn.Module]) -> Tensor:
+                       head: Optional[nn.Module]) -> Float[Tensor, "batch n"]:
         """Lambda ``[b, n]``: a constant, or the head applied to per-Gaussian features."""
         theta0 = params.flatten()
         if config.lambda_mode == "constant" or head is None:
@@ -287,7 +284,7 @@ class Adapter:
     # ------------------------------------------------------------------ TTO
     def apply_tto(self, output: Any, context: Any, state: Diff3RState) -> Any:
         """Run Diff3R on one encoder output and return it in the upstream form."""
-        from diff3r_plugin.layer import diff3r_layer
+        from diff3r_plugin.layer import Diff3RLayer
 
         config = state.config
         gaussians, rebuild = self.unwrap_output(output)
@@ -308,10 +305,7 @@ class Adapter:
             sub_views = self.prepare_views(sub_views, sub, params, state)
             init_poses.append(sub_views.extrinsics.detach())
             lam = self.compute_lambda(params, sub_views, config, head)
-            theta0 = params.flatten()
-            layout = params.layout
-            theta_star, info = diff3r_layer(theta0, lam, sub_views, layout, config)
-            star = GaussianParams.unflatten(theta_star, layout)
+            star, info = Diff3RLayer(config)(params, lam, sub_views)
             if n_pose:
                 from diff3r_plugin.render.api import pose_adjusted_extrinsics
 

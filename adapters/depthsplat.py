@@ -16,17 +16,13 @@ The SH degree is read from ``encoder.cfg.gaussian_adapter.sh_degree`` (2 in
 ``config/model/encoder/depthsplat.yaml``), like every other adapter.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from diff3r_plugin.errors import ConfigError, ShapeError
+from diff3r_plugin.layer.views import ContextViews
 
 from .base import Adapter, RebuildFn
 from .registry import register_adapter
-
-if TYPE_CHECKING:
-    from diff3r_plugin.layer import ContextViews
 
 __all__ = ["DepthSplatAdapter"]
 

@@ -19,118 +19,25 @@
   ``last_poses``.
 """
 
-from __future__ import annotations
-
 import warnings
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+from einops import reduce
+from jaxtyping import Float
 from torch import Tensor
 
 from diff3r_plugin.errors import ConfigError, ShapeError
-from diff3r_plugin.geometry.cameras import invert_rigid, se3_exp
+from diff3r_plugin.geometry.cameras import invert_rigid
+from diff3r_plugin.geometry.pnp import solve_pnp
+from diff3r_plugin.geometry.projection import pixel_rays
 from diff3r_plugin.gaussians.layout import GaussianParams
+from diff3r_plugin.layer.views import ContextViews
 
 from .base import Adapter, Diff3RState
 from .registry import register_adapter
 
-if TYPE_CHECKING:
-    from diff3r_plugin.layer import ContextViews
-
-__all__ = ["NoPoSplatAdapter", "estimate_pose_pnp", "pixel_centers"]
-
-
-def pixel_centers(h: int, w: int, *, dtype=torch.float64, device=None) -> Tensor:
-    """Normalized pixel centres ``[(h w), 2]`` (x, y in (0, 1)), row-major like the encoders."""
-    ys = (torch.arange(h, dtype=dtype, device=device) + 0.5) / h
-    xs = (torch.arange(w, dtype=dtype, device=device) + 0.5) / w
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([x, y], -1).reshape(-1, 2)
-
-
-def _project(w2c: Tensor, points: Tensor) -> Tensor:
-    """Normalized camera coordinates ``[b, N, 2]`` of ``points [b, N, 3]``."""
-    cam = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]
-    z = cam[..., 2:]
-    z = torch.where(z.abs() < 1e-9, torch.full_like(z, 1e-9), z)
-    return cam[..., :2] / z
-
-
-def estimate_pose_pnp(points: Tensor, pixels: Tensor, intrinsics: Tensor, weights: Optional[Tensor] = None,
-                      *, refine_iters: int = 10) -> Tensor:
-    """Camera-to-world pose of a calibrated camera from 2D-3D matches.
-
-    Args:
-        points: ``[b, N, 3]`` points in the reference (world) frame.
-        pixels: ``[N, 2]`` or ``[b, N, 2]`` normalized image coordinates in (0, 1).
-        intrinsics: ``[b, 3, 3]`` normalized K.
-        weights: ``[b, N]`` non-negative match weights (e.g. an opacity mask), or None.
-        refine_iters: Gauss-Newton iterations on the reprojection error after the DLT.
-
-    Returns:
-        ``[b, 4, 4]`` OpenCV camera-to-world matrices (float64 -> the dtype of ``points``).
-    """
-    b, n = points.shape[:2]
-    if n < 6:
-        raise ShapeError(f"PnP needs at least 6 matches, got {n}")
-    X = points.detach().double()
-    K = intrinsics.detach().double()
-    px = pixels.detach().double().to(X.device)
-    if px.ndim == 2:
-        px = px.expand(b, -1, -1)
-    hom = torch.cat([px, torch.ones_like(px[..., :1])], -1)
-    rays = hom @ torch.linalg.inv(K).transpose(-1, -2)
-    x = rays[..., :2] / rays[..., 2:]
-    w = torch.ones(b, n, dtype=X.dtype, device=X.device) if weights is None else weights.detach().double()
-    # Hartley normalization of the 3D points.
-    wsum = w.sum(1, keepdim=True).clamp_min(1e-12)
-    c = (w[..., None] * X).sum(1, keepdim=True) / wsum[..., None]
-    sigma = ((w * ((X - c) ** 2).sum(-1)).sum(1, keepdim=True) / wsum).sqrt().clamp_min(1e-12)
-    Xn = (X - c) / sigma[..., None]
-    Xh = torch.cat([Xn, torch.ones_like(Xn[..., :1])], -1)  # [b, N, 4]
-    zero = torch.zeros_like(Xh)
-    r1 = torch.cat([Xh, zero, -x[..., :1] * Xh], -1)
-    r2 = torch.cat([zero, Xh, -x[..., 1:] * Xh], -1)
-    A = torch.cat([r1, r2], 1) * torch.cat([w, w], 1).sqrt()[..., None]  # [b, 2N, 12]
-    _, _, vh = torch.linalg.svd(A.transpose(-1, -2) @ A)
-    P = vh[:, -1].reshape(b, 3, 4)
-    M = P[:, :, :3]
-    det = torch.linalg.det(M)
-    P = P * torch.where(det < 0, -1.0, 1.0)[:, None, None]
-    M = P[:, :, :3]
-    u, s, vt = torch.linalg.svd(M)
-    R = u @ vt
-    fix = torch.linalg.det(R) < 0
-    if bool(fix.any()):
-        u = u.clone()
-        u[fix, :, 2] *= -1
-        R = u @ vt
-    scale = s.mean(-1).clamp_min(1e-12)
-    t_n = P[:, :, 3] / scale[:, None]
-    t = sigma * t_n - (R @ c.transpose(-1, -2))[..., 0]
-    w2c = torch.eye(4, dtype=X.dtype, device=X.device).repeat(b, 1, 1)
-    w2c[:, :3, :3], w2c[:, :3, 3] = R, t
-    # Gauss-Newton on the reprojection error (6-dof left-multiplied se(3) delta).
-    sw = w.sqrt()[..., None]
-
-    def residual(pose: Tensor) -> Tensor:
-        return ((_project(pose, X) - x) * sw).reshape(b, -1)
-
-    eye6 = torch.eye(6, dtype=X.dtype, device=X.device)
-    for _ in range(refine_iters):
-        r0 = residual(w2c)
-        eps = 1e-6
-        cols = []
-        for k in range(6):
-            d = (eps * eye6[k]).expand(b, 6)
-            cols.append((residual(se3_exp(d) @ w2c) - residual(se3_exp(-d) @ w2c)) / (2 * eps))
-        J = torch.stack(cols, -1)  # [b, 2N, 6]
-        H = J.transpose(-1, -2) @ J + 1e-9 * eye6
-        step = -torch.linalg.solve(H, (J.transpose(-1, -2) @ r0[..., None]))[..., 0]
-        cand = se3_exp(step) @ w2c
-        better = (residual(cand) ** 2).sum(1) <= (r0 ** 2).sum(1)
-        w2c = torch.where(better[:, None, None], cand, w2c)
-    return invert_rigid(w2c).to(points.dtype)
+__all__ = ["NoPoSplatAdapter"]
 
 
 @register_adapter("noposplat")
@@ -160,7 +67,9 @@ class NoPoSplatAdapter(Adapter):
     def encoder_num_context_views(self, encoder: Any) -> int:
         return 3 if "Multi" in type(encoder).__name__ else 2
 
-    def normalize_images(self, images: Tensor) -> Tensor:
+    def normalize_images(
+        self, images: Float[Tensor, "batch view 3 height width"]
+    ) -> Float[Tensor, "batch view 3 height width"]:
         """Undo ``apply_normalize_shim``: ``x * std + mean`` (``x * 0.5 + 0.5`` by default)."""
         mean = torch.as_tensor(self.input_mean, dtype=images.dtype, device=images.device)
         std = torch.as_tensor(self.input_std, dtype=images.dtype, device=images.device)
@@ -168,7 +77,8 @@ class NoPoSplatAdapter(Adapter):
             mean, std = mean[:, None, None], std[:, None, None]
         return images * std + mean
 
-    def estimate_context_poses(self, views: ContextViews, gaussians: Any) -> Tensor:
+    def estimate_context_poses(self, views: ContextViews, gaussians: Any
+                               ) -> Float[Tensor, "batch view 4 4"]:
         """``[b, v, 4, 4]`` context c2w: identity for view 0, PnP on the predicted means otherwise."""
         b, v = views.batch, views.num_views
         h, w = views.image_shape
@@ -179,16 +89,15 @@ class NoPoSplatAdapter(Adapter):
                 f"noposplat: {g} Gaussians are not pixel-aligned with {v} context views of {h}x{w} "
                 "(expected a multiple of v*h*w); cannot estimate the context poses by PnP. Pass "
                 "pose_source='batch' to use the batch extrinsics")
-        spp = g // (v * h * w)
-        pts = means.reshape(b, v, h * w, spp, 3).mean(3)
-        opac = gaussians.opacities.detach().reshape(b, v, h * w, spp).amax(3)
-        pix = pixel_centers(h, w, device=means.device)
+        pts = reduce(means, "b (v p s) c -> b v p c", "mean", v=v, p=h * w)
+        opac = reduce(gaussians.opacities.detach(), "b (v p s) -> b v p", "max", v=v, p=h * w)
         out = torch.eye(4, dtype=views.extrinsics.dtype, device=means.device).repeat(b, v, 1, 1)
         for j in range(1, v):
             wts = (opac[:, j] > self.opacity_threshold).double()
             few = wts.sum(1) < 6
             wts = torch.where(few[:, None], torch.ones_like(wts), wts)
-            c2w = estimate_pose_pnp(pts[:, j], pix, views.intrinsics[:, j], wts)
+            rays = pixel_rays(views.intrinsics[:, j].detach().double().to(means.device), h, w)
+            c2w = invert_rigid(solve_pnp(pts[:, j], rays[..., :2], wts))
             ok = torch.isfinite(c2w).all(-1).all(-1)
             if not bool(ok.all()):
                 warnings.warn("noposplat: PnP failed for some scene(s); using the batch extrinsics",
@@ -204,7 +113,5 @@ class NoPoSplatAdapter(Adapter):
             extr[:, 0] = torch.eye(4, dtype=extr.dtype, device=extr.device)
         else:
             extr = self.estimate_context_poses(views, gaussians)
-        from diff3r_plugin.layer import ContextViews
-
         return ContextViews(views.images, extr, views.intrinsics, views.near, views.far,
                             views.background, views.sh_basis, views.weights)

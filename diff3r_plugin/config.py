@@ -158,6 +158,28 @@ class _Section:
         return {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
     @classmethod
+    def _unknown_key(cls, name: Any, path: str) -> ConfigError:
+        """The error for an unknown key, with the closest valid keys as full dotted paths (so
+        the user can paste the fix into an override)."""
+        fields = cls._fields()
+        close = difflib.get_close_matches(str(name), list(fields), n=3, cutoff=0.6)
+        hint = (" Did you mean " + " or ".join(repr(f"{path}.{c}") for c in close) + "?") if close else ""
+        return ConfigError(
+            f"Unknown config key {f'{path}.{name}'!r}.{hint} Valid keys under {path!r}: "
+            f"{', '.join(sorted(fields))}."
+        )
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # The generated __init__ would raise a bare TypeError for an unknown keyword; name the
+        # key and suggest the closest one instead, as from_dict does.
+        if kwargs:
+            fields = cls._fields()
+            for name in kwargs:
+                if name not in fields:
+                    raise cls._unknown_key(name, cls._PATH)
+        return super().__new__(cls)
+
+    @classmethod
     def _coerce_all(cls, values: Mapping[str, Any], path: str) -> Dict[str, Any]:
         """Validates a mapping of (possibly partial) field values and returns kwargs for ``cls``.
 
@@ -175,13 +197,7 @@ class _Section:
         out: Dict[str, Any] = {}
         for name, value in values.items():
             if not isinstance(name, str) or name not in fields:
-                key = f"{path}.{name}"
-                # Suggest full dotted keys so the user can paste the fix into an override.
-                close = difflib.get_close_matches(str(name), list(fields), n=3, cutoff=0.6)
-                hint = (" Did you mean " + " or ".join(repr(f"{path}.{c}") for c in close) + "?") if close else ""
-                raise ConfigError(
-                    f"Unknown config key {key!r}.{hint} Valid keys under {path!r}: {', '.join(sorted(fields))}."
-                )
+                raise cls._unknown_key(name, path)
             f = fields[name]
             key = f"{path}.{name}"
             if dataclasses.is_dataclass(f.type):

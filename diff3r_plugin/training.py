@@ -4,7 +4,7 @@ One step (``method="diff3r"``)::
 
     encoder(context) -> upstream Gaussians + per-Gaussian features
     from_upstream -> theta0 (layout);  head(features) -> Lambda   (or a constant Lambda)
-    theta* = diff3r_layer(theta0, Lambda, context views)           (TTO on the context views)
+    theta* = Diff3RLayer(config)(theta0, Lambda, context views) (TTO on the context views)
     render targets from theta*  ->  MSE (+ LPIPS when its VGG weights are available)
     backward: IFT + PCG through the layer into the encoder and the head
 
@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import Diff3RConfig
-from .evaluation.metrics import compute_lpips, lpips_available
+from .evaluation.metrics import lpips_available
 from .gaussians.layout import GaussianParams, from_upstream
-from .layer import ContextViews, diff3r_layer
+from .layer import ContextViews, Diff3RLayer
 from .render.api import render_params
 
 __all__ = ["tto_config", "prepare_batch", "forward_model", "render_targets", "training_step", "train",
@@ -83,7 +83,6 @@ def forward_model(encoder: nn.Module, head: nn.Module | None, batch: dict, *,
     out = encoder(ctx)
     params, _ = from_upstream(*out.gaussians(), num_pose_views=out.num_pose_views,
                               on_invalid="project")
-    layout = params.layout
     theta0 = params.flatten()
     if lambda_mode == "predicted" and head is not None:
         lam = head(out.features)
@@ -95,8 +94,8 @@ def forward_model(encoder: nn.Module, head: nn.Module | None, batch: dict, *,
                          ctx["far"], sh_basis=out.sh_basis)
     if not tto or config.steps == 0:
         return Prediction(params, params, lam, views, None)
-    theta, info = diff3r_layer(theta0, lam, views, layout, config)
-    return Prediction(params, GaussianParams.unflatten(theta, layout), lam, views, info)
+    theta, info = Diff3RLayer(config)(params, lam, views)
+    return Prediction(params, theta, lam, views, info)
 
 
 def render_targets(pred: Prediction, batch: dict) -> Tensor:

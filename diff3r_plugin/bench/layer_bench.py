@@ -26,7 +26,7 @@ from ..layer.diagnostics import gaussian_entry_mask, top_gaussians
 from ..layer.objective import Objective
 from ..layer.probe import energy_line_probe, probe_summary
 from ..render import render_params
-from .scenes import make_cameras, make_scene
+from ..data.synthetic import make_cameras, make_scene
 from .timing import PeakMemory, low_mmap_env
 
 

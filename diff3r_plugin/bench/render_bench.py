@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from ..render import render
-from .scenes import make_scene
+from ..data.synthetic import make_scene
 from .timing import median_ms
 
 DENSE_MAX_PAIRS = 2 ** 27  # Gaussian-pixel products beyond which the dense reference is skipped

@@ -33,6 +33,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError, NonFiniteError, ShapeError
+from ..geometry.cameras import check_cameras
+from .example import upstream_example, upstream_views
 
 __all__ = [
     "ChunkDataset",
@@ -100,7 +102,7 @@ class EvalEntry:
 # --------------------------------------------------------------------------------------------
 
 
-def _short(text: str, limit: int = 300) -> str:
+def _short(text: object, limit: int = 300) -> str:
     # torch.load's unpickling errors can be pages long; the first lines carry the cause.
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -238,6 +240,9 @@ def _scene_from_raw(raw: Mapping[str, Any], source: str, views: Sequence[int] | 
     singular = [selected[i] for i in (info != 0).nonzero().flatten().tolist()]
     if singular:
         raise DataError(f"{where}: the world-to-camera matrix of view(s) {singular} is singular")
+    # A zero focal length or a scaled (non-rigid) w2c decodes without complaint but makes every
+    # later projection wrong; reject it here, naming the scene.
+    check_cameras(c2w, intrinsics, name=where)
 
     return Scene(
         key=key,
@@ -260,8 +265,10 @@ def load_chunk(path: str | Path) -> list[Scene]:
 
     Raises:
         DataError: The file is missing, corrupt, or a scene is malformed (missing key, images of
-            different sizes, undecodable bytes).
+            different sizes, undecodable bytes, a singular w2c).
         NonFiniteError: A camera row contains NaN or Inf.
+        CameraConventionError: A non-positive focal length, a non-rigid (e.g. scaled) w2c or
+            intrinsics in pixel units.
     """
     path = Path(path)
     return [_scene_from_raw(raw, str(path)) for raw in _read_chunk_file(path)]
@@ -534,20 +541,15 @@ def _build_example(
         if image_shape is not None and image_shape != scene.image_shape:
             images, intrinsics = _rescale_and_crop(images, intrinsics, image_shape)
         v = len(indices)
-        return {
-            "extrinsics": scene.extrinsics[pos][None],
-            "intrinsics": intrinsics[None],
-            "image": images[None],
-            "near": torch.full((1, v), float(near), dtype=torch.float32),
-            "far": torch.full((1, v), float(far), dtype=torch.float32),
-            "index": torch.tensor([indices], dtype=torch.int64),
-        }
+        return upstream_views(images, scene.extrinsics[pos], intrinsics,
+                              torch.full((v,), float(near), dtype=torch.float32),
+                              torch.full((v,), float(far), dtype=torch.float32), indices)
 
     context = views(entry.context)
     if isinstance(entry.overlap, float):
         # NoPoSplat's evaluation reads context["overlap"] as a [batch, 1] tensor.
         context["overlap"] = torch.tensor([[entry.overlap]], dtype=torch.float32)
-    return {"context": context, "target": views(entry.target), "scene": [scene.key]}
+    return upstream_example(context, views(entry.target), scene.key)
 
 
 def make_example(
@@ -629,7 +631,9 @@ def write_chunk(
     Raises:
         ShapeError: Fields have inconsistent shapes.
         NonFiniteError: Images or cameras contain NaN or Inf.
-        DataError: Other invalid fields.
+        DataError: Singular extrinsics, and other invalid fields.
+        CameraConventionError: Extrinsics that are not rigid camera-to-world matrices, or
+            intrinsics that are not normalized with positive focal lengths.
     """
     fmt = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}.get(str(image_format).lower())
     if fmt is None:
@@ -663,7 +667,13 @@ def write_chunk(
         if timestamps.numel() != n:
             raise ShapeError(f"scene '{key}': {timestamps.numel()} timestamps for {n} images")
 
-        w2c = torch.linalg.inv(extrinsics.detach().cpu().double())
+        extrinsics64 = extrinsics.detach().cpu().double()
+        w2c, singular = torch.linalg.inv_ex(extrinsics64)
+        if bool((singular != 0).any()):
+            views = (singular != 0).nonzero().flatten().tolist()
+            raise DataError(f"scene '{key}': the extrinsics of view(s) {views[:10]} are singular; "
+                            "expected rigid camera-to-world matrices")
+        check_cameras(extrinsics64, intrinsics.detach().cpu().double(), name=f"scene '{key}'")
         k = intrinsics.detach().cpu().double()
         cameras = torch.zeros(n, 18, dtype=torch.float64)
         cameras[:, 0], cameras[:, 1] = k[:, 0, 0], k[:, 1, 1]

@@ -15,7 +15,6 @@ the JSON.
 """
 
 import argparse
-import copy
 import json
 import math
 from pathlib import Path

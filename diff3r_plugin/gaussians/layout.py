@@ -16,15 +16,17 @@ with a backward that stays finite for (near-)isotropic covariances, where the ei
 not unique (see :class:`_SafeEigh`).
 """
 
-from dataclasses import dataclass, field, fields, replace
+import operator
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..errors import (DTypeError, InvalidCovarianceError, LayoutMismatchError, NonFiniteError,
-                      ShapeError)
+from ..errors import (ConfigError, DTypeError, InvalidCovarianceError, LayoutMismatchError,
+                      NonFiniteError, ShapeError, ValueRangeError)
 from ..geometry.sh import MAX_RENDER_DEGREE, degree_from_coeffs, num_coeffs
 
 GROUPS = ("means", "log_scales", "quats", "opacity_logits", "sh_dc", "sh_rest", "pose")
@@ -40,6 +42,16 @@ class GaussianLayout:
     num_pose_views: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("num_gaussians", "sh_degree", "num_pose_views"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                exact = operator.index(value)
+            except TypeError:
+                raise ShapeError(f"GaussianLayout.{name} must be an int, got {value!r} "
+                                 f"({type(value).__name__})") from None
+            object.__setattr__(self, name, exact)  # frozen dataclass: normalize numpy/torch ints
         if self.num_gaussians < 0 or self.num_pose_views < 0:
             raise ShapeError(f"invalid layout {self}")
         if not 0 <= self.sh_degree <= MAX_RENDER_DEGREE:
@@ -175,13 +187,13 @@ class GaussianParams:
     def unflatten(cls, vector: Float[Tensor, "batch n"], layout: GaussianLayout) -> "GaussianParams":
         return cls(**layout.split(vector))
 
-    def scales(self) -> Tensor:
+    def scales(self) -> Float[Tensor, "batch gaussian 3"]:
         return self.log_scales.exp()
 
-    def opacities(self) -> Tensor:
+    def opacities(self) -> Float[Tensor, "batch gaussian"]:
         return torch.sigmoid(self.opacity_logits)
 
-    def rotations(self) -> Tensor:
+    def rotations(self) -> Float[Tensor, "batch gaussian 3 3"]:
         return quat_to_rotmat(self.quats)
 
     def covariances(self) -> Float[Tensor, "batch gaussian 3 3"]:
@@ -191,9 +203,35 @@ class GaussianParams:
         return GaussianParams(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
 
+def check_quaternions(quats: Float[Tensor, "*batch 4"], name: str = "quats") -> None:
+    """Raise :class:`ValueRangeError` for a zero quaternion.
+
+    ``q = 0`` has no rotation: its normalization ``q / |q|`` is undefined, and so is every
+    derivative through it. It is rejected wherever quaternions enter the plugin (the layer's
+    ``theta0``, :func:`~diff3r_plugin.render.api.render_params`, :func:`to_upstream`) rather than
+    silently replaced by the identity. Any other finite quaternion is fine, however small or
+    large (see :func:`quat_to_rotmat`).
+    """
+    zero = quats.detach().abs().amax(-1) == 0
+    if bool(zero.any()):
+        first = torch.nonzero(zero)[0].tolist()
+        raise ValueRangeError(
+            f"{name}: {int(zero.sum())} quaternion(s) are exactly zero (first at index {first}); a "
+            "zero quaternion has no rotation. Initialize rotations as [1, 0, 0, 0] (identity)")
+
+
 def quat_to_rotmat(quats: Float[Tensor, "*batch 4"]) -> Float[Tensor, "*batch 3 3"]:
-    """Rotation matrices from (not necessarily unit) ``wxyz`` quaternions (normalized first)."""
-    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    """Rotation matrices from (not necessarily unit) ``wxyz`` quaternions (normalized first).
+
+    ``q / |q|`` is computed as ``u / |u|`` with ``u = q / max|q|`` (the max held constant, which
+    leaves the value and the derivative of the scale-invariant ``q / |q|`` unchanged), so
+    quaternions of 1e-30 or 1e20 do not under- or overflow ``|q|^2`` in float32. Zero
+    quaternions are rejected at the entry points (:func:`check_quaternions`); here they map to
+    the identity only so that an iterate can never produce a NaN.
+    """
+    peak = quats.detach().abs().amax(-1, keepdim=True)
+    u = quats / torch.where(peak > 0, peak, torch.ones_like(peak))
+    q = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     w, x, y, z = q.unbind(-1)
     return torch.stack([
         torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
@@ -277,12 +315,16 @@ class UpstreamExtras:
     ``harmonics_high``: coefficients above ``sh_degree`` (e.g. upstream degree 4, which the
     rasterizers ignore); they are passed through untouched. ``num_projected``: how many
     covariances were projected to SPD (only with ``on_invalid="project"``);
-    ``num_opacity_clamped``: opacities clamped into [eps, 1-eps] before the logit.
+    ``num_opacity_clamped``: opacities clamped into [eps, 1-eps] before the logit;
+    ``num_scales_clamped``: eigenvalues of valid covariances that the dtype cannot resolve
+    (below ``finfo.tiny`` times the largest entry: very flat Gaussians in float32), raised to
+    that floor before the log (with a warning).
     """
 
-    harmonics_high: Tensor
+    harmonics_high: Float[Tensor, "batch gaussian 3 d_high"]
     num_projected: int = 0
     num_opacity_clamped: int = 0
+    num_scales_clamped: int = 0
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -295,18 +337,24 @@ def _check_float(name: str, t: Tensor) -> None:
         raise NonFiniteError(f"{name} contains {bad} NaN/Inf value(s)")
 
 
-def check_covariances(covariances: Tensor, *, rel_tol: float = 1e-13, name: str = "covariances") -> Tensor:
+def check_covariances(
+    covariances: Float[Tensor, "*batch 3 3"], *, rel_tol: float = 1e-13, name: str = "covariances"
+) -> Bool[Tensor, "*batch"]:
     """Boolean mask ``[...]`` of covariances that are not symmetric positive definite.
 
-    Checked in float64, so flat but valid Gaussians (scale ratios of 1e4 and more, i.e.
-    eigenvalue ratios of 1e8) are accepted.
+    The one SPD criterion of the package (the renderers' input check uses it too), in float64:
+    with ``m = max_ij |C_ij|``, a covariance is accepted when ``|C - C^T| <= 1e-4 m`` entrywise
+    and ``sym(C) - rel_tol m I`` has a Cholesky factor, i.e. ``lambda_min > rel_tol m``
+    (``m <= lambda_max <= 3 m``). Flat but valid Gaussians (scale ratios of 1e4 and more, i.e.
+    eigenvalue ratios of 1e8) are accepted; a zero or negative eigenvalue is not.
     """
     c = covariances.detach().double()
     asym = (c - c.transpose(-1, -2)).abs().amax((-1, -2))
     mag = c.abs().amax((-1, -2)).clamp_min(1e-30)
-    evals = torch.linalg.eigvalsh(0.5 * (c + c.transpose(-1, -2)))
-    bad = (asym > 1e-4 * mag) | (evals[..., 0] <= rel_tol * evals[..., -1].abs().clamp_min(1e-30))
-    return bad
+    shifted = 0.5 * (c + c.transpose(-1, -2)) - (rel_tol * mag)[..., None, None] * torch.eye(
+        3, dtype=c.dtype, device=c.device)
+    _, info = torch.linalg.cholesky_ex(shifted)
+    return (asym > 1e-4 * mag) | (info != 0)
 
 
 def from_upstream(
@@ -329,15 +377,36 @@ def from_upstream(
         num_pose_views: Number of pose deltas (non-reference context views) to allocate.
         on_invalid: ``"raise"`` raises :class:`InvalidCovarianceError` for a covariance that is
             not symmetric positive definite; ``"project"`` symmetrizes and clamps its
-            eigenvalues to ``1e-12 * max`` and reports the count in the returned extras.
+            eigenvalues to ``1e-12 * max`` and reports the count in the returned extras. Any
+            other value raises :class:`ConfigError`.
         opacity_eps: Opacities are clamped to ``[eps, 1 - eps]`` before the logit.
 
     Returns:
-        The parameters and the pass-through extras needed by :func:`to_upstream`.
+        The parameters and the pass-through extras needed by :func:`to_upstream`. The
+        parameters are copies: editing them in place leaves the inputs unchanged.
+
+    Raises:
+        DTypeError: A field is not a floating-point tensor, or the fields' dtypes differ.
+        ShapeError: Inconsistent shapes, or ``sh_degree`` outside ``[0, 3]`` / above what
+            ``harmonics`` holds.
+        NonFiniteError: A field holds NaN/Inf.
     """
-    for name, t in (("means", means), ("covariances", covariances), ("harmonics", harmonics),
-                    ("opacities", opacities)):
+    if on_invalid not in ("raise", "project"):
+        raise ConfigError(f"on_invalid must be 'raise' or 'project', got {on_invalid!r}")
+    named = (("means", means), ("covariances", covariances), ("harmonics", harmonics),
+             ("opacities", opacities))
+    for name, t in named:
         _check_float(name, t)
+    for name, t in named[1:]:
+        if t.dtype != means.dtype:
+            raise DTypeError(f"means are {means.dtype} but {name} are {t.dtype}: the upstream "
+                             "Gaussians' fields must share one dtype")
+    if sh_degree is not None and (isinstance(sh_degree, bool) or not isinstance(sh_degree, int)
+                                  or not 0 <= sh_degree <= MAX_RENDER_DEGREE):
+        raise ShapeError(f"sh_degree must be an int in [0, {MAX_RENDER_DEGREE}] (the rasterizers "
+                         f"evaluate at most degree 3), got {sh_degree!r}")
+    if isinstance(num_pose_views, bool) or not isinstance(num_pose_views, int) or num_pose_views < 0:
+        raise ShapeError(f"num_pose_views must be an int >= 0, got {num_pose_views!r}")
     if means.ndim != 3 or means.shape[-1] != 3:
         raise ShapeError(f"means must be [batch, gaussian, 3], got {tuple(means.shape)}")
     b, g = means.shape[:2]
@@ -362,16 +431,28 @@ def from_upstream(
             f"{idx[0]}, gaussian {idx[1]}: {covariances[idx[0], idx[1]].detach().cpu().tolist()}); "
             "pass on_invalid='project' to clamp their eigenvalues instead"
         )
-    evals, evecs = _SafeEigh.apply(sym, eig_gap_tol)
+    # Decompose sym / max|sym| (the max held constant: the derivative is unchanged) so that tiny
+    # or huge covariances (1e-30 I in float32) are resolved as well as unit ones.
+    peak = sym.detach().abs().amax((-1, -2), keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    evals, evecs = _SafeEigh.apply(sym / peak, eig_gap_tol)
     if num_projected:
-        floor = (evals[..., -1:].abs() * 1e-12).clamp_min(1e-30)
+        floor = (evals[..., -1:].abs() * 1e-12).clamp_min(torch.finfo(evals.dtype).tiny)
         evals = torch.maximum(evals, floor)
+    tiny = torch.finfo(evals.dtype).tiny
+    num_scales_clamped = int((evals.detach() < tiny).sum())
+    if num_scales_clamped:
+        warnings.warn(
+            f"from_upstream: {num_scales_clamped} covariance eigenvalue(s) are below what "
+            f"{evals.dtype} resolves relative to their covariance (flat Gaussians); they were "
+            f"raised to {tiny:.1e} x max before the log (UpstreamExtras.num_scales_clamped)",
+            RuntimeWarning, stacklevel=2)
     # eigh gives an orthogonal matrix; make it a proper rotation (det = +1).
     det = torch.linalg.det(evecs.detach())
     flip = torch.ones_like(evecs[..., :1, :])
     flip[..., 0, 2] = torch.where(det < 0, -1.0, 1.0)
     rot = evecs * flip
-    log_scales = 0.5 * evals.clamp_min(1e-30).log()
+    log_scales = 0.5 * (evals.clamp_min(tiny).log() + peak[..., 0].log())
     quats = rotmat_to_quat(rot)
 
     clamped = opacities.clamp(opacity_eps, 1 - opacity_eps)
@@ -379,22 +460,29 @@ def from_upstream(
     opacity_logits = torch.logit(clamped)
 
     n = num_coeffs(degree)
+    # Copies (still differentiable), not views: an in-place edit of the returned parameters
+    # must not change the caller's upstream Gaussians.
     params = GaussianParams(
-        means=means,
+        means=means.clone(),
         log_scales=log_scales,
         quats=quats,
         opacity_logits=opacity_logits,
-        sh_dc=harmonics[..., :1],
-        sh_rest=harmonics[..., 1:n],
+        sh_dc=harmonics[..., :1].clone(),
+        sh_rest=harmonics[..., 1:n].clone(),
         pose=means.new_zeros(b, num_pose_views, 6),
     )
-    return params, UpstreamExtras(harmonics[..., n:], num_projected, num_clamped)
+    return params, UpstreamExtras(harmonics[..., n:].clone(), num_projected, num_clamped,
+                                  num_scales_clamped)
 
 
 def to_upstream(
     params: GaussianParams, extras: UpstreamExtras | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Back to ``(means, covariances, harmonics, opacities)`` of the upstream ``Gaussians``."""
+) -> tuple[Float[Tensor, "batch gaussian 3"], Float[Tensor, "batch gaussian 3 3"],
+           Float[Tensor, "batch gaussian 3 d_sh"], Float[Tensor, "batch gaussian"]]:
+    """Back to ``(means, covariances, harmonics, opacities)`` of the upstream ``Gaussians``.
+
+    Raises :class:`ValueRangeError` for a zero quaternion (see :func:`check_quaternions`)."""
+    check_quaternions(params.quats, "params.quats")
     harmonics = params.harmonics
     if extras is not None and extras.harmonics_high.shape[-1] > 0:
         harmonics = torch.cat([harmonics, extras.harmonics_high.to(harmonics)], dim=-1)
@@ -430,6 +518,6 @@ def random_params(
 
 __all__ = [
     "GROUPS", "GaussianLayout", "GaussianParams", "UpstreamExtras", "build_covariance",
-    "check_covariances", "from_upstream", "quat_to_rotmat", "random_params", "replace",
+    "check_covariances", "check_quaternions", "from_upstream", "quat_to_rotmat", "random_params",
     "rotmat_to_quat", "to_upstream",
 ]

@@ -42,8 +42,8 @@ def degree_from_coeffs(d_sh: int) -> int:
     return degree
 
 
-def rgb_to_sh(rgb: Tensor) -> Tensor:
-    """DC coefficient whose colour is ``rgb`` (before the +0.5 offset is undone)."""
+def rgb_to_sh(rgb: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
+    """DC coefficient ``(rgb - 0.5) / C0`` whose degree-0 colour ``C0 c + 0.5`` is ``rgb``."""
     return (rgb - 0.5) / C0
 
 

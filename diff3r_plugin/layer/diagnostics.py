@@ -129,7 +129,3 @@ def scene_extent(theta_means: Tensor) -> Tensor:
     """RMS distance of the means from their centroid, per scene ``[b]`` (scales the means' rate)."""
     c = theta_means.mean(1, keepdim=True)
     return ((theta_means - c) ** 2).sum(-1).mean(1).sqrt().clamp_min(1e-6)
-
-
-def empty_long(b: int, device) -> Tensor:
-    return torch.zeros(b, dtype=torch.long, device=device)

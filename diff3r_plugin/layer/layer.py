@@ -33,6 +33,7 @@ from ..errors import (InvalidLambdaError, LayoutMismatchError, NonFiniteError, P
                       SolverDivergedError)
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 from ..profiling import part
+from . import checks
 from .diagnostics import Diff3RInfo, gradient_breakdown, scene_extent
 from .inner import adam_solve, lm_solve
 from .matvec import make_matvec
@@ -129,9 +130,7 @@ def implicit_solve(obj: Objective, config: Diff3RConfig, info: Diff3RInfo, theta
                          check_every=config.pcg_check_every)
             # True residual of the returned solution (PCG's recursion can drift from it).
             idx = torch.arange(grad.shape[0], device=grad.device)
-            gnorm = grad.norm(dim=1)
-            true_rel = (grad - mv(v, idx)).norm(dim=1) / gnorm.clamp_min(torch.finfo(grad.dtype).tiny)
-        true_rel = torch.where(gnorm > 0, true_rel, torch.zeros_like(true_rel))
+            gnorm, true_rel = checks.relative_residual(grad, grad - mv(v, idx))
     info.pcg_iters = res.iterations
     info.warm_started = x0 is not None
     info.pcg_rel_residual = true_rel.detach()
@@ -173,11 +172,19 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     ``warm_start`` (``[b, n]``, optional) is the initial guess of the implicit backward's PCG,
     typically ``info.implicit_solution`` of an earlier call on the same scenes with a similar
     outer loss (per-scene fine-tuning, repeated evaluation); the unrolled backward ignores it.
+
+    Bad input raises a typed error naming it (:mod:`.checks`, ``ContextViews.validate``):
+    ``theta0``, ``lam`` and ``warm_start`` must share one dtype, float32 or float64 (mixed
+    dtypes are a ``DTypeError``, not promoted; the views are cast to ``theta0``'s dtype), and a
+    zero quaternion is a ``ValueRangeError``. A scene without Gaussians gives ``theta* =
+    theta0``; NaN/Inf gradients are zeroed per scene and reported under ``on_failure`` in both
+    backward modes.
     """
     config = config or Diff3RConfig()
     if views is None:
         raise LayoutMismatchError("views are missing: the layer needs the context images and cameras")
     views.validate()
+    checks.check_parameters(theta0, lam, layout, warm_start)
     for name, t in (("theta0", theta0), ("lam", lam)):
         layout.check_vector(t, name)
     if theta0.shape != lam.shape:
@@ -199,6 +206,7 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
             raise NonFiniteError(
                 f"warm_start contains {int((~torch.isfinite(warm_start)).sum())} NaN/Inf value(s)")
 
+    config = checks.skip_solve_if_empty(config, layout)
     inference = torch.is_inference_mode_enabled()
     wants_grad = (not inference) and torch.is_grad_enabled() and (theta0.requires_grad or lam.requires_grad)
     unroll = wants_grad and config.backward == "unroll"
@@ -206,7 +214,8 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
     with torch.inference_mode(False), torch.enable_grad(), part("tto_forward"):
         obj = Objective.for_layer(views, layout, config, theta0, backend)
         if unroll:
-            t0_in, lam_in = theta0, lam
+            guard = checks.UnrollGuard(config)
+            t0_in, lam_in = guard(theta0, "theta0"), guard(lam, "lam")
         else:
             t0_in, lam_in = theta0.detach().clone(), lam.detach().clone()
         if config.steps == 0:
@@ -234,12 +243,14 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
                           used_precond, torch.zeros(b, dtype=torch.long, device=device), zeros.clone(),
                           zeros.clone(), zeros.clone(), torch.zeros(b, dtype=torch.long, device=device))
     else:
+        checks.check_initial_energy(res.energy0, res.grad_norm0, theta0, layout)
         theta_star = res.theta
         stat = res.grad_norm / res.grad_norm0.clamp_min(torch.finfo(res.grad_norm.dtype).tiny)
         stat = torch.where(res.grad_norm0 > 0, stat, torch.zeros_like(stat))
         info = Diff3RInfo(config.inner_solver, config.backward, used_matvec, config.hessian,
                           used_precond, res.steps, stat.detach(), res.energy0, res.energy,
                           res.nan_rollbacks)
+        checks.note_blind_scenes(res.energy0, res.grad_norm0, info)
         if res.grad is not None:
             info.final_grad = res.grad
             info.stationarity_groups, info.grad_share_top1pct = gradient_breakdown(
@@ -252,10 +263,12 @@ def diff3r_layer(theta0: Tensor, lam: Tensor, views: ContextViews, layout: Gauss
                     "scene(s); they were rolled back to their last finite iterate", info,
                     SolverDivergedError)
     info.visibility = config.visibility
+    checks.note_constant_views(views, info)
     info.forward_ms = (time.perf_counter() - t_start) * 1e3
 
     if unroll:
-        return theta_star, info
+        guard.info = info
+        return guard(theta_star, "theta*"), info
     if res is None:
         # No inner step: theta* = theta0, whose derivative is the identity (and zero for Lambda).
         return (theta0.clone() if wants_grad else theta0.detach().clone()), info
@@ -293,9 +306,15 @@ class Diff3RLayer(nn.Module):
         if isinstance(theta0, GaussianParams):
             layout = theta0.layout
             flat0 = theta0.flatten()
+            if isinstance(lam, GaussianParams) and lam.layout != layout:
+                raise LayoutMismatchError(f"lam has layout {lam.layout} but theta0's is {layout}")
             flat_lam = lam.flatten() if isinstance(lam, GaussianParams) else lam
             flat, info = diff3r_layer(flat0, flat_lam, views, layout, self.config, warm_start=warm_start)
             return GaussianParams.unflatten(flat, layout), info
         if layout is None:
             raise LayoutMismatchError("pass the GaussianLayout with flat parameter vectors")
+        if isinstance(lam, GaussianParams):
+            if lam.layout != layout:
+                raise LayoutMismatchError(f"lam has layout {lam.layout} but theta0's is {layout}")
+            lam = lam.flatten()
         return diff3r_layer(theta0, lam, views, layout, self.config, warm_start=warm_start)

@@ -5,8 +5,9 @@ definite and only available through ``matvec``. Each scene has its own step size
 convergence test; a converged scene leaves the active set, and ``matvec`` is then called with
 the indices of the remaining scenes only, so it stops costing work.
 
-The right-hand side is normalized per scene before the solve (tiny cotangents, e.g. 1e-12,
-would otherwise underflow in float32 dot products) and the tolerance is relative to it:
+The right-hand side is normalized per scene before the solve, by its max-abs entry first and
+then by the norm of the result (tiny cotangents, e.g. 1e-30, would otherwise underflow in
+float32 norms and dot products), and the tolerance is relative to it:
 ``||b - A x|| <= tol ||b||``. Convergence is checked every ``check_every`` iterations, so the
 loop talks to the host (a GPU synchronisation) only then.
 
@@ -57,10 +58,16 @@ def pcg(
     """
     b, n = rhs.shape
     device = rhs.device
-    scale = rhs.norm(dim=1, keepdim=True)
-    zero_rhs = (scale[:, 0] == 0)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    bhat = rhs / scale
+    # Max-abs first, then the norm of the rescaled vector: ||rhs|| itself underflows in float32
+    # below about 1e-22 (its squares are below the smallest subnormal), which would make a tiny
+    # but non-zero cotangent look like a zero one and give exactly zero gradients.
+    peak = rhs.abs().amax(dim=1, keepdim=True)
+    zero_rhs = (peak[:, 0] == 0)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    unit = rhs / peak
+    unit_norm = unit.norm(dim=1, keepdim=True)  # in [1, sqrt(n)]: no under- or overflow
+    bhat = unit / torch.where(zero_rhs[:, None], torch.ones_like(unit_norm), unit_norm)
+    scale = torch.where(zero_rhs[:, None], torch.ones_like(peak), peak * unit_norm)
     x = torch.zeros_like(rhs) if x0 is None else torch.where(zero_rhs[:, None], 0.0, x0 / scale)
     all_idx = torch.arange(b, device=device)
     r = bhat - matvec(x, all_idx) if x0 is not None else bhat.clone()

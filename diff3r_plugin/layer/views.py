@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import DTypeError, NonFiniteError, ShapeError
+from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, ValueRangeError
 from ..geometry.cameras import check_cameras
 from ..geometry.sh import SHBasis
 
@@ -22,7 +22,13 @@ class ContextViews:
         near, far: ``[b, v]``.
         background: ``[3]`` or ``[b, 3]`` background colour of the renders (default black).
         sh_basis: SH basis of the backbone (``"e3nn"`` or ``"3dgs"``).
-        weights: Optional per-pixel weights ``[b, v, 1, h, w]`` (e.g. a validity mask).
+        weights: Optional per-pixel weights ``[b, v, 1, h, w]`` (e.g. a validity mask), >= 0.
+
+    :meth:`validate` (called by the layer) raises a typed error naming the field for wrong
+    shapes, NaN/Inf anywhere, images outside [0, 1], ``near <= 0`` or ``far <= near``,
+    negative weights and non-OpenCV cameras. The layer casts the views to the dtype of
+    ``theta0`` and treats them as constants: no gradient flows back into them (a warning says
+    so when some of them require grad).
     """
 
     images: Float[Tensor, "batch view 3 height width"]
@@ -55,6 +61,10 @@ class ContextViews:
         if not self.images.is_floating_point():
             raise DTypeError(f"context images must be floating point in [0, 1], got {self.images.dtype}")
         b, v = self.images.shape[:2]
+        for name in ("extrinsics", "intrinsics", "near", "far"):
+            if not isinstance(getattr(self, name), Tensor):
+                raise DTypeError(f"ContextViews.{name} must be a torch.Tensor, got "
+                                 f"{type(getattr(self, name)).__name__}")
         if self.images.shape[-1] == 0 or self.images.shape[-2] == 0 or v == 0:
             raise ShapeError(f"context images are empty: {tuple(self.images.shape)}")
         if self.extrinsics.shape[:2] != (b, v):
@@ -75,8 +85,55 @@ class ContextViews:
                 f"context images must lie in [0, 1], found [{lo:.3f}, {hi:.3f}]. Images normalized "
                 "to [-1, 1] (NoPoSplat's normalize shim) must be mapped back with x * 0.5 + 0.5")
         check_cameras(self.extrinsics, self.intrinsics, name="context cameras")
-        if self.weights is not None and tuple(self.weights.shape) != (b, v, 1, *self.image_shape):
-            raise ShapeError(f"weights must be [{b}, {v}, 1, h, w], got {tuple(self.weights.shape)}")
+        self._validate_depth_range(b, v)
+        self._validate_background(b)
+        if self.weights is not None:
+            w = self.weights
+            if not isinstance(w, Tensor) or tuple(w.shape) != (b, v, 1, *self.image_shape):
+                got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+                raise ShapeError(f"weights must be [{b}, {v}, 1, h, w], got {got}")
+            if not w.is_floating_point():
+                raise DTypeError(f"ContextViews.weights must be floating point, got {w.dtype}")
+            if not bool(torch.isfinite(w).all()):
+                raise NonFiniteError(f"ContextViews.weights contain {int((~torch.isfinite(w)).sum())} NaN/Inf value(s)")
+            if bool((w < 0).any()):
+                raise ValueRangeError(
+                    f"ContextViews.weights has {int((w < 0).sum())} negative value(s) (min "
+                    f"{float(w.min()):.3g}); pixel weights must be >= 0 (their square roots weight "
+                    "the residuals)")
+        if self.sh_basis not in ("e3nn", "3dgs"):
+            raise ConfigError(f"ContextViews.sh_basis must be 'e3nn' or '3dgs', got {self.sh_basis!r}")
+
+    def _validate_depth_range(self, b: int, v: int) -> None:
+        """``0 < near < far``, finite. ``near`` sets the culling plane ``z <= 0.2 near``: a NaN
+        near culls everything (``theta*`` would silently stay ``theta0``), a negative one lets
+        Gaussians behind the camera through, which the projection then renders mirrored."""
+        for name in ("near", "far"):
+            t = getattr(self, name)
+            if not t.is_floating_point():
+                raise DTypeError(f"context {name} must be floating point, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"context {name} contains {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
+        if bool((self.near <= 0).any()):
+            raise ValueRangeError(f"context near must be > 0 (the culling plane is z <= 0.2 near), got "
+                                  f"min {float(self.near.min()):.3g}")
+        if bool((self.far <= self.near).any()):
+            i = torch.nonzero(self.far <= self.near)[0].tolist()
+            raise ValueRangeError(
+                f"context far must be > near; at (batch, view) {tuple(i)} near = "
+                f"{float(self.near[i[0], i[1]]):.3g} and far = {float(self.far[i[0], i[1]]):.3g}")
+
+    def _validate_background(self, b: int) -> None:
+        bg = self.background
+        if bg is None:
+            return
+        if not isinstance(bg, Tensor) or tuple(bg.shape) not in ((3,), (b, 3)):
+            got = tuple(bg.shape) if isinstance(bg, Tensor) else type(bg).__name__
+            raise ShapeError(f"ContextViews.background must be [3] or [{b}, 3], got {got}")
+        if not bg.is_floating_point():
+            raise DTypeError(f"ContextViews.background must be floating point, got {bg.dtype}")
+        if not bool(torch.isfinite(bg).all()):
+            raise NonFiniteError("ContextViews.background contains NaN/Inf: every rendered pixel would be NaN")
 
     def select(self, idx: Tensor) -> "ContextViews":
         """The views of a subset of the batch."""

@@ -1,7 +1,5 @@
 """Built-in tiny encoders (pose-given MVSplat-style, pose-free NoPoSplat-style)."""
 
-from .tiny import (EncoderOutput, TinyPoseFreeEncoder, TinyPoseGivenEncoder, pixel_rays, pnp,
-                   to_relative_frame)
+from .tiny import EncoderOutput, TinyPoseFreeEncoder, TinyPoseGivenEncoder, to_relative_frame
 
-__all__ = ["EncoderOutput", "TinyPoseFreeEncoder", "TinyPoseGivenEncoder", "pixel_rays", "pnp",
-           "to_relative_frame"]
+__all__ = ["EncoderOutput", "TinyPoseFreeEncoder", "TinyPoseGivenEncoder", "to_relative_frame"]

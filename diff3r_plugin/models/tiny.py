@@ -14,9 +14,8 @@ TTO layer should use.
 * :class:`TinyPoseFreeEncoder` (NoPoSplat-style): sees both images, predicts per-pixel 3D points
   of both views in the frame of context view 0 (view 0 = identity; the other extrinsics are
   never read, only the intrinsics), and estimates the relative pose of view 1 from its points
-  and pixel rays by PnP (:func:`pnp`: normalized DLT + Procrustes, refined by Gauss-Newton, in
-  torch). That pose is refined jointly with the Gaussians in the TTO (layout ``pose`` group,
-  ``num_pose_views = 1``). Use :func:`to_relative_frame` on the batch first (context 0 at the
+  and pixel rays by PnP (:func:`~diff3r_plugin.geometry.pnp.solve_pnp`). That pose is refined
+  jointly with the Gaussians in the TTO (layout ``pose`` group, ``num_pose_views = 1``). Use :func:`to_relative_frame` on the batch first (context 0 at the
   identity, unit baseline, as NoPoSplat's ``relative_pose`` + ``make_baseline_1``).
 """
 
@@ -24,18 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ShapeError
-from ..gaussians.layout import GaussianParams, build_covariance
+from ..gaussians.layout import build_covariance
 from ..geometry.cameras import invert_rigid, se3_exp
-from ..geometry.sh import num_coeffs
+from ..geometry.pnp import solve_pnp
+from ..geometry.projection import pixel_rays
+from ..geometry.sh import num_coeffs, rgb_to_sh
 from ..uncertainty.head import NUM_GAUSSIAN_FEATURES, features_from_gaussians
 
-__all__ = ["EncoderOutput", "TinyPoseGivenEncoder", "TinyPoseFreeEncoder", "pnp", "pixel_rays",
-           "to_relative_frame"]
-
-C0 = 0.28209479177387814
+__all__ = ["EncoderOutput", "TinyPoseGivenEncoder", "TinyPoseFreeEncoder", "to_relative_frame"]
 
 
 @dataclass
@@ -54,16 +53,6 @@ class EncoderOutput:
 
     def gaussians(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.means, self.covariances, self.harmonics, self.opacities
-
-
-def pixel_rays(intrinsics: Tensor, h: int, w: int) -> Tensor:
-    """Camera-frame directions with z = 1 through the pixel centres, ``[b, v, h*w, 3]``."""
-    ys, xs = torch.meshgrid((torch.arange(h, dtype=intrinsics.dtype, device=intrinsics.device) + 0.5) / h,
-                            (torch.arange(w, dtype=intrinsics.dtype, device=intrinsics.device) + 0.5) / w,
-                            indexing="ij")
-    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)  # [hw, 3]
-    kinv = torch.linalg.inv(intrinsics)  # [b, v, 3, 3]
-    return torch.einsum("bvij,nj->bvni", kinv, pix)
 
 
 def _conv(cin: int, cout: int) -> nn.Module:
@@ -94,16 +83,16 @@ class _GaussianHead(nn.Module):
                 intrinsics: Tensor, scale_init: float):
         """x [n, c, h, w]; image [n, 3, h, w]; depth [n, h*w]; ray [n, h*w, 3]; c2w [n, 4, 4]."""
         n, _, h, w = x.shape
-        out = self.net(x).permute(0, 2, 3, 1).reshape(n, h * w, -1)
+        out = rearrange(self.net(x), "n c h w -> n (h w) c")
         # Pixel footprint at the predicted depth (normalized focal -> pixels).
         fx = intrinsics[:, 0, 0][:, None] * w
         footprint = depth / fx
         scales = footprint[..., None] * scale_init * torch.exp(out[..., 0:3].clamp(-3, 3))
         quats = out[..., 3:7] + torch.tensor([1.0, 0, 0, 0], dtype=x.dtype, device=x.device)
         opac = torch.sigmoid(out[..., 7] + 2.0)
-        rgb = image.permute(0, 2, 3, 1).reshape(n, h * w, 3)
-        sh = out[..., 8:].reshape(n, h * w, 3, self.d_sh) * 0.5
-        sh = sh + F.pad(((rgb - 0.5) / C0)[..., None], (0, self.d_sh - 1))
+        rgb = rearrange(image, "n c h w -> n (h w) c")
+        sh = rearrange(out[..., 8:], "n p (c k) -> n p c k", c=3) * 0.5
+        sh = sh + F.pad(rgb_to_sh(rgb)[..., None], (0, self.d_sh - 1))
         # Camera-frame (z = depth) point -> world.
         pc = ray * depth[..., None]
         means = pc @ c2w[:, :3, :3].transpose(-1, -2) + c2w[:, None, :3, 3]
@@ -116,7 +105,7 @@ class _GaussianHead(nn.Module):
 
 
 def _flatten_views(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    return rearrange(t, "b v ... -> (b v) ...")
 
 
 class TinyPoseGivenEncoder(nn.Module):
@@ -225,72 +214,6 @@ def to_relative_frame(batch: dict, baseline_one: bool = True) -> dict:
     return out
 
 
-def _project(points: Tensor, w2c: Tensor) -> Tensor:
-    pc = points @ w2c[:3, :3].T + w2c[:3, 3]
-    return pc[:, :2] / pc[:, 2:3]
-
-
-def pnp(points: Tensor, rays: Tensor, weights: Tensor | None = None, iters: int = 10) -> Tensor:
-    """World-to-camera pose from 3D points and their camera-frame rays (``z = 1``).
-
-    Normalized DLT (Hartley conditioning of the 3D points) for the 3x4 projection, Procrustes
-    to the nearest rotation, then Gauss-Newton on the reprojection error over se(3)
-    (left-multiplied deltas, as :func:`~diff3r_plugin.geometry.cameras.se3_exp`). Runs in
-    float64, without gradients (like NoPoSplat's ``cv2.solvePnPRansac`` evaluation).
-
-    Args:
-        points: ``[n, 3]`` world points (n >= 6).
-        rays: ``[n, 3]`` (or ``[n, 2]``) normalized image coordinates ``x/z, y/z``.
-        weights: Optional ``[n]`` non-negative weights (e.g. opacity).
-
-    Returns:
-        ``[4, 4]`` world-to-camera matrix.
-    """
-    with torch.no_grad():
-        dtype = points.dtype
-        X = points.detach().double()
-        obs = rays.detach().double()[:, :2]
-        wts = torch.ones(X.shape[0], dtype=X.dtype) if weights is None else weights.detach().double()
-        wts = wts.to(X.device)
-        mean = (X * wts[:, None]).sum(0) / wts.sum()
-        s = ((X - mean).norm(dim=1) * wts).sum() / wts.sum()
-        s = s.clamp_min(1e-12)
-        Xn = (X - mean) / s
-        Xh = torch.cat([Xn, torch.ones_like(Xn[:, :1])], 1)
-        zeros = torch.zeros_like(Xh)
-        x, y = obs[:, :1], obs[:, 1:2]
-        a1 = torch.cat([Xh, zeros, -x * Xh], 1)
-        a2 = torch.cat([zeros, Xh, -y * Xh], 1)
-        A = torch.cat([a1, a2], 0) * wts.repeat(2)[:, None].sqrt()
-        _, _, vh = torch.linalg.svd(A, full_matrices=False)
-        P = vh[-1].reshape(3, 4)
-        # P = lam [R | t] with lam > 0 iff det(P[:, :3]) > 0 (R proper).
-        if torch.det(P[:, :3]) < 0:
-            P = -P
-        u, sv, vt = torch.linalg.svd(P[:, :3])
-        lam = sv.mean()
-        R = u @ vt
-        t = P[:, 3] / lam
-        # Undo the conditioning: X = s Xn + mean.
-        t = s * t - R @ mean
-        w2c = torch.eye(4, dtype=X.dtype, device=X.device)
-        w2c[:3, :3], w2c[:3, 3] = R, t
-        # Gauss-Newton on the reprojection error.
-        sw = wts.sqrt()[:, None]
-        for _ in range(iters):
-            def resid(tau):
-                return ((_project(X, se3_exp(tau) @ w2c) - obs) * sw).reshape(-1)
-            tau0 = torch.zeros(6, dtype=X.dtype, device=X.device)
-            r = resid(tau0)
-            J = torch.func.jacfwd(resid)(tau0)
-            H = J.T @ J + 1e-9 * torch.eye(6, dtype=X.dtype, device=X.device)
-            step = -torch.linalg.solve(H, J.T @ r)
-            w2c = se3_exp(step) @ w2c
-            if float(step.norm()) < 1e-12:
-                break
-        return w2c.to(dtype)
-
-
 class TinyPoseFreeEncoder(nn.Module):
     """NoPoSplat-style tiny encoder (pose-free: only intrinsics and the images are read).
 
@@ -299,8 +222,8 @@ class TinyPoseFreeEncoder(nn.Module):
     relative pose ``T_01`` (c2w of view 1 in the frame of view 0) from both images, and view 1's
     points are placed in the frame of view 0 as ``T_01 (depth * ray) + offset`` (a small
     per-pixel correction). The pose of view 1 used for the TTO is then re-estimated from those
-    points and view 1's pixel rays by :func:`pnp` (exactly NoPoSplat's evaluation route: PnP
-    on the predicted means) and refined by the layer's ``pose`` group.
+    points and view 1's pixel rays by :func:`~diff3r_plugin.geometry.pnp.solve_pnp` (exactly
+    NoPoSplat's evaluation route: PnP on the predicted means) and refined by the layer's ``pose`` group.
     """
 
     pose_free = True
@@ -345,17 +268,14 @@ class TinyPoseFreeEncoder(nn.Module):
         t01 = se3_exp(tau)
         eye = torch.eye(4, dtype=img.dtype, device=img.device).expand(b, 4, 4)
         pred_c2w = torch.stack([eye, t01], 1)
-        offset = self.offset_head(feat).permute(0, 2, 3, 1).reshape(b, v, h * w, 3)
+        offset = rearrange(self.offset_head(feat), "(b v) c h w -> b v (h w) c", b=b)
         pts_cam = rays * depth[..., None]
         pts = pts_cam @ pred_c2w[:, :, :3, :3].transpose(-1, -2) + pred_c2w[:, :, None, :3, 3]
         pts = pts + 0.05 * offset * depth[..., None]
         pts[:, 0] = pts_cam[:, 0]  # view 0 is the reference frame: no offset there
         # PnP for view 1 from its predicted points (in frame 0) and its pixel rays.
-        est = []
-        for i in range(b):
-            w2c1 = pnp(pts[i, 1], rays[i, 1])
-            est.append(invert_rigid(w2c1))
-        ctx_extr = torch.stack([eye, torch.stack(est)], 1).contiguous()
+        c2w1 = invert_rigid(solve_pnp(pts[:, 1], rays[:, 1, :, :2]))
+        ctx_extr = torch.stack([eye, c2w1], 1).contiguous()
         # Gaussians: depth along the view's own ray = z in the estimated camera frame.
         x = torch.cat([feat, _flatten_views(img)], 1)
         cam_depth = torch.stack([pts[:, 0, :, 2],

@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import DTypeError, InvalidCovarianceError, NonFiniteError, ShapeError, ValueRangeError
+from ..gaussians.layout import check_covariances
 from ..geometry.cameras import check_cameras, focal_pixels, get_fov, invert_rigid
 from ..geometry.sh import SHBasis, degree_from_coeffs, sh_to_rgb
 
@@ -122,11 +123,7 @@ def check_render_inputs(
         raise ValueRangeError("near must be > 0 and far > near")
     check_cameras(extrinsics, intrinsics, name="render cameras")
     if g:
-        c = covariances.detach()
-        sym_err = (c - c.transpose(-1, -2)).abs().amax((-1, -2))
-        scale = c.abs().amax((-1, -2)).clamp_min(1e-30)
-        _, info = torch.linalg.cholesky_ex(c.double())
-        bad = (info != 0) | (sym_err > 1e-4 * scale)
+        bad = check_covariances(covariances)
         if bool(bad.any()):
             idx = torch.nonzero(bad)[0].tolist()
             raise InvalidCovarianceError(

@@ -20,10 +20,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError, ValueRangeError
+from ..geometry.sh import C0
 from ..gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 
 __all__ = ["UncertaintyHead", "features_from_gaussians", "NUM_GAUSSIAN_FEATURES",
@@ -35,8 +37,8 @@ _GAUSSIAN_GROUPS = tuple(g for g in GROUPS if g != "pose")
 
 def inverse_softplus(y: float) -> float:
     """``x`` with ``softplus(x) == y`` (``y > 0``), numerically stable for large ``y``."""
-    if y <= 0:
-        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
+    if not y > 0:
+        raise ValueRangeError(f"inverse_softplus needs y > 0, got {y}")
     if y > 20:
         return y + math.log(-math.expm1(-y))
     return math.log(math.expm1(y))
@@ -61,11 +63,18 @@ class UncertaintyHead(nn.Module):
                  init: float = 1.0, hidden: int = 32):
         super().__init__()
         if granularity not in ("group", "parameter"):
-            raise ValueError(f"granularity must be 'group' or 'parameter', got {granularity!r}")
+            raise ConfigError(f"UncertaintyHead: granularity must be 'group' or 'parameter', got {granularity!r}")
+        for name, value in (("floor", floor), ("init", init)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"UncertaintyHead: {name} must be a finite float, got {value!r}")
         if not floor > 0:
-            raise ValueError(f"floor must be > 0, got {floor}")
+            raise ConfigError(f"UncertaintyHead: floor must be > 0 (Lambda = floor + softplus(x) must "
+                              f"stay strictly positive), got {floor}")
         if not init > floor:
-            raise ValueError(f"init ({init}) must be > floor ({floor})")
+            raise ConfigError(f"UncertaintyHead: init ({init}) must be > floor ({floor})")
+        for name, value in (("in_features", in_features), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"UncertaintyHead: {name} must be an int >= 1, got {value!r}")
         self.init_kwargs = dict(in_features=int(in_features), sh_degree=int(sh_degree),
                                 num_pose_views=int(num_pose_views), granularity=granularity,
                                 floor=float(floor), init=float(init), hidden=int(hidden))
@@ -115,7 +124,7 @@ class UncertaintyHead(nn.Module):
         lam = self.floor + F.softplus(torch.cat(parts, dim=1))
         return lam
 
-    def as_params(self, lam: Tensor, num_gaussians: int) -> GaussianParams:
+    def as_params(self, lam: Float[Tensor, "batch n"], num_gaussians: int) -> GaussianParams:
         """Lambda in group shape (for inspection and logging)."""
         return GaussianParams.unflatten(lam, self.layout(num_gaussians))
 
@@ -158,7 +167,7 @@ def features_from_gaussians(
     else:
         origin = params.means.new_zeros(b, 1, 3)
     dist = (params.means - origin).norm(dim=-1, keepdim=True).clamp_min(1e-6).log()
-    colour = 0.5 + 0.28209479177387814 * params.sh_dc[..., 0]
+    colour = 0.5 + C0 * params.sh_dc[..., 0]
     rest = params.sh_rest.pow(2).sum((-1, -2)).add(1e-12).sqrt()[..., None]
     pixel = params.means.new_zeros(b, g, 3)
     flag = params.means.new_zeros(b, g, 1)
@@ -168,7 +177,7 @@ def features_from_gaussians(
         if aligned:
             if g != v * h * w:
                 raise ShapeError(f"pixel_aligned=True needs g == v*h*w = {v * h * w}, got {g}")
-            pixel = context_images.permute(0, 1, 3, 4, 2).reshape(b, g, 3).to(params.means)
+            pixel = rearrange(context_images, "b v c h w -> b (v h w) c").to(params.means)
             flag = flag + 1
     diff = (colour - pixel).abs().mean(-1, keepdim=True) * flag
     feats = [opacity, log_scales, dist, colour, rest, pixel, diff, flag]

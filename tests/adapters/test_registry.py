@@ -98,6 +98,7 @@ def test_duplicate_name() -> None:
     assert get_adapter("pixelsplat") is B
 
 
+@pytest.mark.user_errors
 @pytest.mark.parametrize("bad", ["", "   ", 3, None, "auto"])
 def test_bad_names(bad: Any) -> None:
     with pytest.raises(ConfigError):

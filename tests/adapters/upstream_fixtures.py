@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -22,7 +21,8 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
-C0 = 0.28209479177387814
+from diff3r_plugin.geometry.projection import pixel_rays
+from diff3r_plugin.geometry.sh import rgb_to_sh
 
 
 @jaxtyped(typechecker=beartype)
@@ -41,15 +41,6 @@ def decode(gaussians: Gaussians) -> Float[Tensor, "batch"]:
 
 
 # ----------------------------------------------------------------------------- geometry helpers
-def pixel_rays(intrinsics: Tensor, h: int, w: int) -> Tensor:
-    """``[b, v, h*w, 3]`` camera-frame rays (z = 1) through pixel centres."""
-    ys = (torch.arange(h, dtype=intrinsics.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=intrinsics.dtype) + 0.5) / w
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    pix = torch.stack([x, y, torch.ones_like(x)], -1).reshape(-1, 3)
-    return torch.einsum("bvij,nj->bvni", torch.linalg.inv(intrinsics), pix)
-
-
 def look_at_c2w(eye, target=(0.0, 0.0, 3.0)) -> Tensor:
     eye = torch.tensor(eye, dtype=torch.float32)
     target = torch.tensor(target, dtype=torch.float32)
@@ -121,7 +112,7 @@ class _PixelEncoder(nn.Module):
         sh = out[..., 5:].reshape(b, v, h * w, self.spp, 3, self.d_sh) * self.sh_mask
         rgb = context_rgb(img, self).reshape(b, v, 3, h * w).permute(0, 1, 3, 2)
         sh = sh.clone()
-        sh[..., 0] = sh[..., 0] + ((rgb - 0.5) / C0)[:, :, :, None]
+        sh[..., 0] = sh[..., 0] + rgb_to_sh(rgb)[:, :, :, None]
         c2w = self.camera_frames(context)
         rays = pixel_rays(context["intrinsics"], h, w)  # b v hw 3
         cam = rays[:, :, :, None] * depth[..., None]

@@ -192,6 +192,7 @@ def test_jpeg_chunk_round_trip_is_close(tmp_path: Path) -> None:
     assert _psnr(loaded.images.numpy(), smooth.numpy()) > 35
 
 
+@pytest.mark.user_errors
 def test_write_chunk_rejects_bad_scenes(tmp_path: Path) -> None:
     scene = _random_scene("bad", n=2)
     with pytest.raises(ShapeError, match="'bad'.*extrinsics"):
@@ -209,6 +210,7 @@ def test_write_chunk_rejects_bad_scenes(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.user_errors
 def test_corrupt_chunk_file(tmp_path: Path) -> None:
     garbage = tmp_path / "000000.torch"
     garbage.write_bytes(b"this is not a torch file" * 10)
@@ -238,6 +240,7 @@ def test_missing_key_in_scene(tmp_path: Path) -> None:
         load_chunk(tmp_path / "c.torch")
 
 
+@pytest.mark.user_errors
 def test_undecodable_image_bytes(tmp_path: Path) -> None:
     raw = _raw_scene("badjpeg", [(8, 8), (8, 8)])
     raw["images"][1] = torch.tensor(list(b"\xff\xd8 not really a jpeg"), dtype=torch.uint8)
@@ -298,6 +301,7 @@ def test_load_evaluation_index_demo_files() -> None:
     assert alternate["5aca87f95a9412c6"].target == tuple(range(1, 12, 2))
 
 
+@pytest.mark.user_errors
 def test_load_evaluation_index_validates(tmp_path: Path) -> None:
     path = tmp_path / "index.json"
     path.write_text(json.dumps({
@@ -364,6 +368,7 @@ def test_dataset_make_example_decodes_only_needed_views(demo_scenes: list[Scene]
     assert example["context"]["index"].tolist() == [[4, 0]]
 
 
+@pytest.mark.user_errors
 def test_make_example_out_of_range_index(demo_scenes: list[Scene]) -> None:
     scene = demo_scenes[1]  # 9 views
     message = r"scene '322261824c4a3003': target view index 9 is out of range; the scene has 9 views"

@@ -234,17 +234,20 @@ def test_scene_builds_fast():
     {"image_shape": (0, 64)}, {"image_shape": (64,)}, {"image_shape": (64, 64, 3)},
     {"image_shape": (64.5, 64)}, {"num_views": 0}, {"supersample": 0}, {"supersample": 1.5},
 ])
+@pytest.mark.user_errors
 def test_make_scene_rejects_bad_shapes(kwargs):
     with pytest.raises(ShapeError):
         make_scene(0, **kwargs)
 
 
+@pytest.mark.user_errors
 @pytest.mark.parametrize("seed", [-1, 1.5, "3"])
 def test_make_scene_rejects_bad_seeds(seed):
     with pytest.raises(DataError):
         make_scene(seed)
 
 
+@pytest.mark.user_errors
 def test_scene_rejects_inconsistent_tensors(scene):
     with pytest.raises(ShapeError):
         EmbeddedScene("x", scene.images, scene.extrinsics[:3], scene.intrinsics, scene.near,
@@ -281,6 +284,7 @@ def test_make_example_is_upstream_shaped(scene):
     ((2, 2), (3,), DataError), ((0, 1.0), (3,), DataError), (0, (3,), DataError),
     ((0, True), (3,), DataError),
 ])
+@pytest.mark.user_errors
 def test_make_example_rejects_bad_indices(scene, context, target, error):
     with pytest.raises(error):
         make_example(scene, context, target)
@@ -368,6 +372,7 @@ def test_dataset_rejects_bad_configuration(kwargs):
         EmbeddedDataset(**kwargs)
 
 
+@pytest.mark.user_errors
 def test_dataset_index_errors_and_cache():
     ds = EmbeddedDataset(2, image_shape=(16, 16), cache=True)
     with pytest.raises(SceneIndexError):

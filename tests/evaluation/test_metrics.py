@@ -42,6 +42,7 @@ def test_psnr_per_image_and_clipping() -> None:
     assert compute_psnr(gt, gt).isinf().all()  # identical images, as upstream
 
 
+@pytest.mark.user_errors
 def test_metric_input_errors() -> None:
     gt = _images()
     with pytest.raises(ShapeError, match=r"compute_psnr.*\(2, 3, 32, 40\) and \(2, 3, 32, 39\)"):

@@ -91,6 +91,7 @@ def test_flatten_unflatten_round_trip(sh_degree):
     assert torch.equal(v.grad, expect)
 
 
+@pytest.mark.user_errors
 def test_unflatten_wrong_length_raises():
     layout = GaussianLayout(4, 1)
     with pytest.raises(LayoutMismatchError, match="layout"):
@@ -123,6 +124,7 @@ def test_per_group():
     assert no_pose.per_group(vals).shape == (1, no_pose.numel)
 
 
+@pytest.mark.user_errors
 def test_invalid_layouts_raise():
     with pytest.raises(ShapeError, match="sh_degree"):
         GaussianLayout(3, 4)
@@ -357,6 +359,7 @@ def test_non_finite_upstream_raises(index, bad):
     (0, (1, 3, 2)), (0, (3, 3)), (1, (1, 3, 3)), (1, (1, 2, 3, 3)), (2, (1, 3, 3)),
     (2, (1, 3, 2, 4)), (2, (1, 3, 3, 5)), (3, (1, 3, 1)), (3, (3,)),
 ])
+@pytest.mark.user_errors
 def test_wrong_upstream_shapes_raise(index, shape):
     inputs = list(_random_upstream(1, 3, seed=7)[:4])
     inputs[index] = torch.ones(shape, dtype=F64)
@@ -364,6 +367,7 @@ def test_wrong_upstream_shapes_raise(index, shape):
         from_upstream(*inputs)
 
 
+@pytest.mark.user_errors
 def test_integer_upstream_raises():
     inputs = list(_random_upstream(1, 3, seed=7)[:4])
     inputs[0] = inputs[0].long()

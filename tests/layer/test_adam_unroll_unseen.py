@@ -9,7 +9,7 @@ after ~4 steps in float32).
 
 import torch
 
-from diff3r_plugin.bench.scenes import make_cameras, make_scene
+from diff3r_plugin.data.synthetic import make_cameras, make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianParams
 from diff3r_plugin.layer import ContextViews, diff3r_layer

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from diff3r_plugin.bench.scenes import make_cameras, make_scene
+from diff3r_plugin.data.synthetic import make_cameras, make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianLayout, GaussianParams
 from diff3r_plugin.layer import ContextViews, Objective, diff3r_layer

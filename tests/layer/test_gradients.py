@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianParams
 from diff3r_plugin.layer import ContextViews, Objective, diff3r_layer

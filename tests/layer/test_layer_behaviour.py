@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import (InvalidLambdaError, LayoutMismatchError, PCGNotConvergedError,
                                   ShapeError, SolverDivergedError)
@@ -96,6 +96,7 @@ def test_layout_mismatches(prob):
         Diff3RLayer(cfg)(theta0, lam, views)  # flat vectors without a layout
 
 
+@pytest.mark.user_errors
 def test_views_without_images(prob):
     views = replace_views(prob["views"], images=None)
     with pytest.raises(ShapeError, match="images"):
@@ -113,6 +114,7 @@ def test_images_normalized_to_minus_one_one(prob):
     assert "[-1, 1]" in msg and "0.5" in msg and "normaliz" in msg
 
 
+@pytest.mark.user_errors
 def test_mismatched_view_counts(prob):
     views = prob["views"]
     three = torch.cat([views.extrinsics, views.extrinsics[:, :1]], 1)

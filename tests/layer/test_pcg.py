@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianParams
 from diff3r_plugin.layer import ContextViews, Objective, pcg
 from diff3r_plugin.layer.matvec import (ExactHessian, GaussNewtonAutodiff, GaussNewtonFiniteDifference,

@@ -5,7 +5,7 @@ preconditioner; the LM solver that uses them."""
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.gaussians.layout import GROUPS
 from diff3r_plugin.layer import ContextViews, Objective, diff3r_layer, pcg

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_cameras, make_scene
+from diff3r_plugin.data.synthetic import make_cameras, make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import ConfigError
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianParams

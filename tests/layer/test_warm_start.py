@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.config import Diff3RConfig
 from diff3r_plugin.errors import LayoutMismatchError, NonFiniteError
 from diff3r_plugin.gaussians.layout import GROUPS, GaussianParams

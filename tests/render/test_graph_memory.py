@@ -4,7 +4,7 @@ unrolled reference builds one such graph per inner step)."""
 
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.gaussians.layout import GaussianParams
 from diff3r_plugin.render import render_params
 from diff3r_plugin.render.torch_backend import build_plan, gather_rows, scatter_rows

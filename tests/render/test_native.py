@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_scene
+from diff3r_plugin.data.synthetic import make_scene
 from diff3r_plugin.render import build_plan, native, project, render
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""Contract tests of the renderers (DESIGN.md §2): torch backend vs the dense reference,
+"""Contract tests of the renderers: torch backend vs the dense reference,
 derivatives (reverse mode, gradcheck, forward mode), the upstream projection / SH /
 compositing conventions checked against hand-computed numbers, per-Gaussian culling, and
 typed errors on bad input.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from diff3r_plugin.bench.scenes import make_cameras, make_scene
+from diff3r_plugin.data.synthetic import make_cameras, make_scene
 from diff3r_plugin.errors import (BackendUnavailableError, CameraConventionError, Diff3RError,
                                   DTypeError, InvalidCovarianceError, NonFiniteError, ShapeError)
 from diff3r_plugin.gaussians.layout import GaussianParams, build_covariance, random_params
@@ -478,6 +478,7 @@ def test_non_finite_inputs_raise(index, bad):
     (0, (1, 5, 2)), (1, (1, 5, 3)), (2, (1, 5, 3, 3)), (2, (1, 4, 3, 1)), (3, (1, 5, 1)),
     (4, (1, 1, 3, 4)), (5, (1, 1, 4, 4)), (6, (1,)), (7, (1, 2)),
 ])
+@pytest.mark.user_errors
 def test_wrong_shapes_raise(index, shape):
     inputs = _valid_inputs()
     inputs[index] = torch.ones(shape, dtype=F64)
@@ -485,6 +486,7 @@ def test_wrong_shapes_raise(index, shape):
         render(*inputs, (8, 8))
 
 
+@pytest.mark.user_errors
 @pytest.mark.parametrize("index", range(8))
 def test_integer_dtypes_raise(index):
     inputs = _valid_inputs()
@@ -549,6 +551,7 @@ def test_reflected_c2w_raises():
         render(*inputs, (8, 8))
 
 
+@pytest.mark.user_errors
 def test_unknown_backend_raises():
     with pytest.raises(Diff3RError, match="backend"):
         render(*_valid_inputs(), (8, 8), backend="optix")

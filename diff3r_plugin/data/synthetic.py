@@ -1,4 +1,11 @@
-"""Seeded synthetic scenes for benchmarks and tests: Gaussians spread in front of the cameras."""
+"""Seeded synthetic Gaussian scenes for tests and benchmarks: Gaussians in front of a camera rig.
+
+:func:`make_cameras` builds an RE10K-like rig (cameras on a short sideways line, all looking at
+one point ahead); :func:`make_scene` puts Gaussians at random pixels of the first view with
+screen-space sizes of a few pixels, the regime of pixel-aligned feed-forward Gaussians. Unlike
+the ray-cast scenes of :mod:`diff3r_plugin.data.embedded`, these have no ground-truth images:
+they are inputs to render and optimize, a pure function of their arguments.
+"""
 
 from dataclasses import dataclass
 
