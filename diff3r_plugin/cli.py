@@ -1,4 +1,4 @@
-"""The ``diff3r`` command line: ``diff3r bench render|layer``, ``diff3r eval``, ``diff3r experiment``."""
+"""The ``diff3r`` command line: ``diff3r bench render|layer|step``, ``diff3r eval``, ``diff3r experiment``."""
 
 import argparse
 import json
@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--json", action="store_true", help="print one JSON object")
     p_render.set_defaults(func=render_bench.run)
 
+    from .bench import step_bench
+    p_step = bench_sub.add_parser("step", help="one outer training step with and without the layer, by part")
+    step_bench.add_arguments(p_step)
+    p_step.add_argument("--json", action="store_true", help="print one JSON object")
+    p_step.set_defaults(func=step_bench.run)
+
     try:
         from .bench import layer_bench
     except ImportError:  # pragma: no cover - during partial installs
@@ -35,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         layer_bench.add_arguments(p_layer)
         p_layer.add_argument("--json", action="store_true")
         p_layer.set_defaults(func=layer_bench.run)
+
+    p_native = sub.add_parser("build-native", help="build the compiled CPU renderer kernels now (else on first use)")
+    p_native.add_argument("--json", action="store_true")
+    p_native.set_defaults(func=lambda args: __import__("diff3r_plugin.render.native", fromlist=["x"]).native_status())
 
     for name, module_name, help_text in (
         ("eval", "evaluation.eval_cli", "evaluate methods on a dataset"),

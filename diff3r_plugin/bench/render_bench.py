@@ -64,10 +64,15 @@ def run(args: argparse.Namespace) -> dict:
             torch.func.jvp(lambda *xs: fwd("torch", list(xs)).color, tuple(inputs), tuple(tangents))
         jvp_ms = median_ms(jvp, repeats=args.repeats, device=device)
 
+    try:
+        from ..render.native import native_status
+        kernels = native_status() if device.type == "cpu" and args.backend == "torch" else None
+    except ImportError:  # an older tree without the compiled kernels
+        kernels = None
     result = {
-        "backend": args.backend, "device": str(device), "gaussians": args.gaussians,
+        "backend": args.backend, "compiled_kernels": None if kernels is None else kernels["available"], "device": str(device), "gaussians": args.gaussians,
         "height": h, "width": w, "views": args.views, "forward_ms": round(forward_ms, 3),
-        "backward_ms": round(backward_ms, 3), "jvp_ms": None if jvp_ms is None else round(jvp_ms, 3),
+        "forward_backward_ms": round(fwd_bwd_ms, 3), "backward_ms": round(backward_ms, 3), "jvp_ms": None if jvp_ms is None else round(jvp_ms, 3),
         "dense_forward_ms": None, "max_abs_diff_vs_dense": None, "grad_rel_diff_vs_dense": None,
     }
     if not args.no_dense and args.gaussians * h * w * args.views <= DENSE_MAX_PAIRS:

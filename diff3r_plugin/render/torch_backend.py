@@ -11,6 +11,10 @@ Two stages:
    ``log(1 - alpha)`` (in float64, so that the subtraction of segment offsets loses nothing),
    applies the early stop and scatters the weighted colours to pixels.
 
+On CPU both stages run as compiled kernels where available (:mod:`.native`: the same pairs
+and the same arithmetic in one pass instead of one per elementwise op); the PyTorch code here is
+the fallback and the path of forward mode and of derivatives of derivatives.
+
 A plan depends on the Gaussians only through discrete decisions, so a plan computed at
 ``theta`` gives exact derivatives at ``theta``; the optimization layer reuses one plan for all
 Jacobian-vector products of a linear solve.
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import native
 from .common import ALPHA_MAX, ALPHA_MIN, T_MIN, Projection, RenderOutput
 
 
@@ -167,11 +172,21 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
         nx = (x1 - x0 + 1).clamp_min(0)
         ny = (y1 - y0 + 1).clamp_min(0)
         count = torch.where(valid, nx * ny, torch.zeros_like(nx)).long()
+        num_pixels = proj.batch * proj.views * h * w
+        n = count.numel()
+        view_of = torch.arange(n, device=device) // max(proj.gaussians, 1)
+
+        mod = native.usable(packed)
+        if mod is not None:
+            # Compiled: the same pairs, depth order and stable pixel sort in one call.
+            box = torch.stack([torch.where(count > 0, nx.long(), 0), ny.long(), x0.long(), y0.long(),
+                               view_of], 1)
+            gid, pix, seg_start, pxf, pyf = native.plan_pairs(mod, box, packed, depth, proj.gaussians,
+                                                              image_shape, num_pixels)
+            return PairPlan(gid, pix, seg_start, pxf, pyf, num_pixels)
 
         # Front to back: order the Gaussians of each view by depth; a stable sort by pixel
         # later keeps this order inside every pixel.
-        n = count.numel()
-        view_of = torch.arange(n, device=device) // max(proj.gaussians, 1)
         order = torch.argsort(depth, stable=True)
         order = order[torch.argsort(view_of[order], stable=True)]
         order = order[count[order] > 0]
@@ -180,9 +195,8 @@ def build_plan(proj: Projection, image_shape: tuple[int, int], *, chunk_pairs: i
         if total == 0:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             fz = mean2d.new_zeros(0)
-            return PairPlan(empty, empty, empty, fz, fz, proj.batch * proj.views * h * w)
+            return PairPlan(empty, empty, empty, fz, fz, num_pixels)
 
-        num_pixels = proj.batch * proj.views * h * w
         # Box enumeration, pixel indices and the sort key in int32 where they fit: CPU gathers
         # and sorts of int32 are several times faster than of int64 (Gaussian indices stay int64).
         it = torch.int32 if max(num_pixels, chunk_pairs) < _INT32_LIMIT else torch.int64
@@ -235,9 +249,27 @@ def composite(
         zeros = proj.mean2d.new_zeros(b, v, h, w) + 0 * proj.opacity.sum()
         color = background[..., None, None].expand(b, v, 3, h, w) + zeros[:, :, None]
         return RenderOutput(color=color, depth=zeros, alpha=zeros)
-    # One gather of everything a pair needs: [mean(2), conic(3), opacity, color(3), depth].
+    # Everything a pair needs, one row per Gaussian: [mean(2), conic(3), opacity, color(3), depth].
     attrs = torch.cat([proj.mean2d, proj.conic, proj.opacity[:, None], proj.color,
                        proj.depth[:, None]], 1)
+
+    def composite_torch(attrs: Tensor) -> Tensor:
+        return _composite_rows(attrs, plan)
+
+    if native.usable(attrs) is not None:
+        acc = native.composite_pairs(attrs, plan.gaussian, plan.pixel, plan.px, plan.py, num_pix,
+                                     composite_torch)
+    else:
+        acc = composite_torch(attrs)
+    acc = acc.reshape(b, v, h, w, 5)
+    alpha_img = acc[..., 4]
+    color = acc[..., :3].permute(0, 1, 4, 2, 3) + (1 - alpha_img)[:, :, None] * background[..., None, None]
+    return RenderOutput(color=color, depth=acc[..., 3], alpha=alpha_img)
+
+
+def _composite_rows(attrs: Tensor, plan: PairPlan) -> Tensor:
+    """``[num_pixels, 5]`` sums ``[w r, w g, w b, w z, w]`` of the planned pairs, in PyTorch
+    (any derivative order, forward mode)."""
     # Split into columns with unbind: its backward stacks the column gradients once, where
     # column indexing would give every column a full-size zero-filled gradient.
     pg = gather_rows(attrs, plan.gaussian).unbind(1)
@@ -249,8 +281,4 @@ def composite(
     # [w r, w g, w b, w z, w]; the products keep only weight and the gathered rows for the
     # backward, no per-pair copy.
     vals = torch.stack([weight * pg[6], weight * pg[7], weight * pg[8], weight * pg[9], weight], 1)
-    acc = scatter_rows(vals, plan.pixel, num_pix)
-    acc = acc.reshape(b, v, h, w, 5)
-    alpha_img = acc[..., 4]
-    color = acc[..., :3].permute(0, 1, 4, 2, 3) + (1 - alpha_img)[:, :, None] * background[..., None, None]
-    return RenderOutput(color=color, depth=acc[..., 3], alpha=alpha_img)
+    return scatter_rows(vals, plan.pixel, plan.num_pixels)
