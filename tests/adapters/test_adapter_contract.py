@@ -253,12 +253,12 @@ def test_gradients_reach_encoder_and_head(name, monkeypatch):
     assert sum(float(g.abs().sum()) for g in head_grads) > 0
 
 
-def test_real_uncertainty_head_if_present():
-    unc = pytest.importorskip("diff3r_plugin.uncertainty")
-    if not hasattr(unc, "UncertaintyHead"):
-        pytest.skip("diff3r_plugin.uncertainty.UncertaintyHead not available yet")
+def test_real_uncertainty_head():
+    from diff3r_plugin.uncertainty import UncertaintyHead
+
     enc = _wrapped("mvsplat", config=dataclasses.replace(FAST, lambda_mode="predicted"))
     out = enc(uf.context_for("mvsplat"), 0)
+    assert isinstance(enc.diff3r_head, UncertaintyHead)
     out.means.sum().backward()
     assert any(p.grad is not None for p in enc.diff3r_parameters())
 
