@@ -93,3 +93,18 @@ def test_torch_decoder_is_a_genuine_subclass_and_renders(monkeypatch):
     out = pose(g, ctx["extrinsics"], ctx["intrinsics"], ctx["near"], ctx["far"], (8, 8))
     assert out.depth is not None and out.depth.shape == (1, 2, 8, 8)  # NoPoSplat: depth always
     assert torch_decoder_class(_CudaDecoder, _Decoder).__name__ == "Torch_CudaDecoder"
+
+
+def test_upstream_example_command(tmp_path, capsys):
+    from diff3r_plugin.integration.examples import example_overrides, run_upstream_example, upstream_command
+
+    ov = example_overrides("noposplat", tmp_path, 64, 2, ["steps=1"], ["hydra.run.dir=/x"])
+    assert ov[0] == "+experiment=re10k" and ov[-2:] == ["+optimizer=diff3r", "diff3r.steps=1"]
+    assert f"dataset.re10k.roots=[{tmp_path}]" in ov and "trainer.max_steps=2" in ov
+    assert f"dataset.re10k.view_sampler.index_path={tmp_path / 'evaluation_index_2ctx.json'}" in ov
+    assert upstream_command(ov, "cpu")[1:6] == ["-m", "diff3r_plugin.cli", "cpu-run", "-m", "src.main"]
+    assert upstream_command(ov, "cuda")[1:3] == ["-m", "src.main"]  # on CUDA only the config line changes
+    with pytest.raises(ValueError, match="unknown upstream repository 'anysplat'"):
+        example_overrides("anysplat", tmp_path, 64, 2)
+    assert run_upstream_example("mvsplat", ["--upstream", str(tmp_path), "--eval-scenes", "1"]) == 2
+    assert "not an upstream checkout" in capsys.readouterr().err
