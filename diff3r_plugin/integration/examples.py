@@ -29,15 +29,16 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 #: has; the evaluation sampler with the data's own index is used for training instead.
 _POSE_GIVEN = ["dataset.roots=[{data}]", "dataset.image_shape=[{h},{w}]", "dataset/view_sampler=evaluation",
                "dataset.view_sampler.index_path={index}"]
+#: MVSplat's and DepthSplat's re10k experiments also set ``loss.lpips`` settings: deleted too.
 REPO_OVERRIDES: Dict[str, List[str]] = {
-    "mvsplat": _POSE_GIVEN + ["model.encoder.unimatch_weights_path=null"],
-    "depthsplat": _POSE_GIVEN + ["model.encoder.unimatch_weights_path=null"],
+    "mvsplat": _POSE_GIVEN + ["~loss.lpips", "model.encoder.unimatch_weights_path=null"],
+    "depthsplat": _POSE_GIVEN + ["~loss.lpips", "model.encoder.unimatch_weights_path=null"],
     "pixelsplat": _POSE_GIVEN + ["model/encoder/backbone=resnet"],
     "noposplat": ["dataset.re10k.roots=[{data}]", "dataset.re10k.input_image_shape=[{h},{w}]",
                   "dataset/view_sampler@dataset.re10k.view_sampler=evaluation",
                   "dataset.re10k.view_sampler.index_path={index}", "model.encoder.pretrained_weights=''"],
 }
-_COMMON = ["+experiment=re10k", "wandb.mode=disabled", "loss=[mse]", "~loss.lpips",
+_COMMON = ["+experiment=re10k", "wandb.mode=disabled", "loss=[mse]",
            "data_loader.train.num_workers=0", "data_loader.train.persistent_workers=false",
            "data_loader.train.batch_size=1", "data_loader.val.num_workers=0",
            "data_loader.val.persistent_workers=false", "trainer.max_steps={steps}",
