@@ -264,12 +264,15 @@ def test_matplotlib_get_cmap_shim():
 
 @pytest.mark.parametrize("repo, var", [("mvsplat", "DIFF3R_UPSTREAM_MVSPLAT"),
                                        ("noposplat", "DIFF3R_UPSTREAM_NOPOSPLAT"),
-                                       ("pixelsplat", "DIFF3R_UPSTREAM_PIXELSPLAT")])
+                                       ("pixelsplat", "DIFF3R_UPSTREAM_PIXELSPLAT"),
+                                       ("depthsplat", "DIFF3R_UPSTREAM_DEPTHSPLAT")])
 def test_real_upstream_trains_through_callback(repo, var, tmp_path):
     """``+optimizer=diff3r`` alone: upstream's training loop trains through Diff3R, checkpoints the head."""
     path = os.environ.get(var)
     if not path:
         pytest.skip(f"{var} is not set")
+    if repo == "depthsplat" and not os.environ.get("DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2"):
+        pytest.skip("DepthSplat builds DINOv2 through torch.hub: set DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2")
     if not DATA.is_dir():
         pytest.skip(f"{DATA} not found")
     from diff3r_plugin.integration.examples import _train_root, example_overrides, upstream_command
