@@ -27,8 +27,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 #: ``pretrained_weights=''``, pixelSplat's ResNet backbone instead of DINO from torch hub).
 #: The training view sampler picks context views 25-45 frames apart, more than a demo scene
 #: has; the evaluation sampler with the data's own index is used for training instead.
+#: NoPoSplat's Trainer takes no ``num_sanity_val_steps`` from the config (Lightning's 2 apply).
 _POSE_GIVEN = ["dataset.roots=[{data}]", "dataset.image_shape=[{h},{w}]", "dataset/view_sampler=evaluation",
-               "dataset.view_sampler.index_path={index}"]
+               "dataset.view_sampler.index_path={index}", "trainer.num_sanity_val_steps=0"]
 #: MVSplat's and DepthSplat's re10k experiments also set ``loss.lpips`` settings: deleted too.
 REPO_OVERRIDES: Dict[str, List[str]] = {
     "mvsplat": _POSE_GIVEN + ["~loss.lpips", "model.encoder.unimatch_weights_path=null"],
@@ -42,7 +43,7 @@ _COMMON = ["+experiment=re10k", "wandb.mode=disabled", "loss=[mse]",
            "data_loader.train.num_workers=0", "data_loader.train.persistent_workers=false",
            "data_loader.train.batch_size=1", "data_loader.val.num_workers=0",
            "data_loader.val.persistent_workers=false", "trainer.max_steps={steps}",
-           "trainer.num_sanity_val_steps=0", "trainer.val_check_interval={val}",
+           "trainer.val_check_interval={val}",
            "checkpointing.every_n_train_steps={steps}"]
 
 
