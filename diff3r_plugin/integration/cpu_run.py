@@ -316,9 +316,11 @@ def _trainer_classes() -> List[type]:
 class _CPUTrainerPatch:
     """Wraps ``Trainer.__init__`` so that ``accelerator`` becomes ``"cpu"``; undone on exit."""
 
-    def __init__(self, package: str, relaunch: Optional[List[str]]) -> None:
+    def __init__(self, package: str, relaunch: Optional[List[str]],
+                 trainer_kwargs: Optional[Dict[str, Any]] = None) -> None:
         self.package = package
         self.relaunch = relaunch
+        self.trainer_kwargs = dict(trainer_kwargs or {})
         self.saved: Dict[type, Any] = {}
 
     def __enter__(self) -> "_CPUTrainerPatch":
@@ -333,6 +335,9 @@ class _CPUTrainerPatch:
                 if requested not in ("cpu",):
                     log.info("diff3r cpu-run: Trainer(accelerator=%r) -> 'cpu'", requested)
                 kwargs["accelerator"] = "cpu"
+                for key, value in patch.trainer_kwargs.items():
+                    log.info("diff3r cpu-run: Trainer(%s=%r) (was %r)", key, value, kwargs.get(key, "unset"))
+                    kwargs[key] = value
                 patch_decoders(patch.package)
                 patch._prepare_relaunch()
                 _original(trainer, *args, **kwargs)
@@ -387,8 +392,15 @@ def _find_module(module: str) -> Any:
     return spec
 
 
-def cpu_run(module: str, args: Sequence[str] = ()) -> int:
+def cpu_run(module: str, args: Sequence[str] = (), trainer_kwargs: Optional[Dict[str, Any]] = None) -> int:
     """Run ``python -m module *args`` in this process with the CPU shims above; the exit status.
+
+    Args:
+        module: The module to run (``src.main``).
+        args: Its command line (Hydra overrides).
+        trainer_kwargs: ``Trainer`` arguments to set that the upstream config does not expose
+            (e.g. ``num_sanity_val_steps=0`` for NoPoSplat, whose sanity validation computes
+            LPIPS, whose VGG weights cannot be downloaded offline).
 
     Raises:
         IntegrationError: If ``module`` cannot be found.
@@ -409,7 +421,8 @@ def cpu_run(module: str, args: Sequence[str] = ()) -> int:
     argv = list(sys.argv)
     sys.argv = [spec.origin or module, *args]
     try:
-        with _CPUTrainerPatch(package, ["-m", module, *args]), offline_torch_hub():
+        relaunch = [a for k, v in (trainer_kwargs or {}).items() for a in ("--trainer", f"{k}={v}")]
+        with _CPUTrainerPatch(package, [*relaunch, "-m", module, *args], trainer_kwargs), offline_torch_hub():
             runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code = exc.code
@@ -419,14 +432,31 @@ def cpu_run(module: str, args: Sequence[str] = ()) -> int:
     return 0
 
 
+USAGE = "usage: diff3r cpu-run [--trainer KEY=VALUE ...] -m MODULE [ARGS...]"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m diff3r_plugin.integration.cpu_run -m MODULE [ARGS...]`` (as ``diff3r cpu-run``)."""
+    """``python -m diff3r_plugin.integration.cpu_run [--trainer K=V ...] -m MODULE [ARGS...]``.
+
+    The same as ``diff3r cpu-run``. ``--trainer KEY=VALUE`` (before ``-m``; the value is read
+    as YAML) sets a Lightning ``Trainer`` argument the upstream config does not expose.
+    """
+    import yaml
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    trainer_kwargs: Dict[str, Any] = {}
+    while len(argv) >= 2 and argv[0] == "--trainer":
+        key, sep, value = argv[1].partition("=")
+        if not sep or not key.isidentifier():
+            print(f"diff3r cpu-run: --trainer needs KEY=VALUE, got {argv[1]!r}\n{USAGE}", file=sys.stderr)
+            return 2
+        trainer_kwargs[key] = yaml.safe_load(value)
+        argv = argv[2:]
     if len(argv) < 2 or argv[0] != "-m":
-        print("usage: diff3r cpu-run -m MODULE [ARGS...]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
-        return cpu_run(argv[1], argv[2:])
+        return cpu_run(argv[1], argv[2:], trainer_kwargs)
     except IntegrationError as exc:
         print(str(exc), file=sys.stderr)
         return 2

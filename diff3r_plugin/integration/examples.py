@@ -84,13 +84,18 @@ def example_overrides(repo: str, data: Path, image_size: int, steps: int,
 
 
 def upstream_command(overrides: Sequence[str], device: str = "auto") -> List[str]:
-    """``python -m src.main ...``, through ``diff3r cpu-run`` unless CUDA is used."""
+    """``python -m src.main ...``, through ``diff3r cpu-run`` unless CUDA is used.
+
+    On the CPU the sanity validation is switched off through the Trainer itself (NoPoSplat's
+    config has no key for it, and its validation computes LPIPS, unavailable offline).
+    """
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        return [sys.executable, "-m", "diff3r_plugin.cli", "cpu-run", "-m", "src.main", *overrides]
+        return [sys.executable, "-m", "diff3r_plugin.cli", "cpu-run", "--trainer", "num_sanity_val_steps=0",
+                "-m", "src.main", *overrides]
     return [sys.executable, "-m", "src.main", *overrides]
 
 

@@ -23,7 +23,9 @@ def test_missing_module_is_a_clear_error(capsys, tmp_path, monkeypatch):
     with pytest.raises(IntegrationError, match="not a module name"):
         cpu_run("src/main.py")
     assert cli_main(["cpu-run", "src.main"]) == 2  # -m is required
-    assert "usage: diff3r cpu-run -m MODULE" in capsys.readouterr().err
+    assert "usage: diff3r cpu-run [--trainer KEY=VALUE ...] -m MODULE" in capsys.readouterr().err
+    assert cli_main(["cpu-run", "--trainer", "oops", "-m", "src.main"]) == 2
+    assert "--trainer needs KEY=VALUE, got 'oops'" in capsys.readouterr().err
 
 
 def test_runs_a_module_with_its_arguments(tmp_path, monkeypatch, capsys):
@@ -102,9 +104,23 @@ def test_upstream_example_command(tmp_path, capsys):
     assert ov[0] == "+experiment=re10k" and ov[-2:] == ["+optimizer=diff3r", "diff3r.steps=1"]
     assert f"dataset.re10k.roots=[{tmp_path}]" in ov and "trainer.max_steps=2" in ov
     assert f"dataset.re10k.view_sampler.index_path={tmp_path / 'evaluation_index_2ctx.json'}" in ov
-    assert upstream_command(ov, "cpu")[1:6] == ["-m", "diff3r_plugin.cli", "cpu-run", "-m", "src.main"]
+    assert upstream_command(ov, "cpu")[1:8] == ["-m", "diff3r_plugin.cli", "cpu-run", "--trainer",
+                                                 "num_sanity_val_steps=0", "-m", "src.main"]
     assert upstream_command(ov, "cuda")[1:3] == ["-m", "src.main"]  # on CUDA only the config line changes
     with pytest.raises(ValueError, match="unknown upstream repository 'anysplat'"):
         example_overrides("anysplat", tmp_path, 64, 2)
     assert run_upstream_example("mvsplat", ["--upstream", str(tmp_path), "--eval-scenes", "1"]) == 2
     assert "not an upstream checkout" in capsys.readouterr().err
+
+
+def test_trainer_becomes_cpu_and_takes_extra_arguments():
+    pl = pytest.importorskip("pytorch_lightning")
+    from diff3r_plugin.integration.cpu_run import _CPUTrainerPatch
+
+    init = pl.Trainer.__init__
+    with _CPUTrainerPatch("no_such_package", None, {"num_sanity_val_steps": 0}):
+        trainer = pl.Trainer(accelerator="gpu", num_sanity_val_steps=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
+    assert trainer.num_sanity_val_steps == 0
+    assert pl.Trainer.__init__ is init  # undone
