@@ -51,14 +51,14 @@ import torch
 from torch import nn
 
 from ..config import Diff3RConfig, load_from_hydra
-from ..errors import ConfigError, IntegrationError
+from ..errors import ConfigError, Diff3RError, IntegrationError
 
 try:  # Hydra >= 1.1; older versions have no callbacks at all (checked in on_job_start)
     from hydra.experimental.callback import Callback as _HydraCallback
 except ImportError:  # pragma: no cover - Hydra < 1.1
     _HydraCallback = object  # type: ignore[assignment,misc]
 
-__all__ = ["Diff3RCallback", "Diff3RRun", "MIN_HYDRA", "REPORT_NAME", "hook_model_wrapper",
+__all__ = ["Diff3RCallback", "Diff3RRun", "JobStartError", "MIN_HYDRA", "REPORT_NAME", "hook_model_wrapper",
            "resolve_adapter", "wrap_from_hydra"]
 
 log = logging.getLogger(__name__)
@@ -502,8 +502,25 @@ def _hydra_version() -> tuple:
     return tuple(parts)
 
 
+class JobStartError(SystemExit):
+    """Ends the job when the callback cannot do its work at job start.
+
+    Hydra turns any ``Exception`` raised by a callback into a warning and runs the job anyway,
+    which here would be a silently unwrapped run. ``SystemExit`` is not an ``Exception``, so it
+    ends the process (exit status 2) after the typed error has been printed.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(2)
+        self.error = error
+
+
 class Diff3RCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     """Hydra callback (``hydra.callbacks.diff3r``) that wires Diff3R into upstream training.
+
+    Errors at job start (an invalid ``diff3r`` node, an unregistered ``diff3r.adapter``, a
+    ``ModelWrapper`` that cannot be found, a Hydra that is too old) end the job with the typed
+    error's message (:class:`JobStartError`) instead of letting upstream train unwrapped.
 
     Args:
         model_wrapper: Dotted path of the upstream LightningModule class to hook.
@@ -516,6 +533,14 @@ class Diff3RCallback(_HydraCallback):  # type: ignore[misc,valid-type]
         self.run: Optional[Diff3RRun] = None
 
     def on_job_start(self, config: Any = None, **kwargs: Any) -> None:
+        try:
+            self.start(config)
+        except Diff3RError as error:
+            print(f"diff3r: the job cannot start: {type(error).__name__}: {error}", file=sys.stderr)
+            raise JobStartError(error) from error
+
+    def start(self, config: Any) -> None:
+        """What :meth:`on_job_start` does; raises the typed errors (for callers other than Hydra)."""
         version = _hydra_version()
         if version < MIN_HYDRA:
             raise IntegrationError(

@@ -98,7 +98,12 @@ def test_job_start_errors(hooked, monkeypatch):
 
     monkeypatch.setattr(hydra, "__version__", "1.2.0")
     with pytest.raises(IntegrationError, match=r"hydra-core 1\.2 is too old.*>= 1\.3"):
+        hc.Diff3RCallback(PATH).start({"diff3r": CHEAP})
+    # Hydra turns a callback's Exception into a warning; the callback ends the job instead.
+    with pytest.raises(SystemExit) as info:
         hc.Diff3RCallback(PATH).on_job_start({"diff3r": CHEAP})
+    assert info.value.code == 2 and isinstance(info.value.error, IntegrationError)
+    assert not isinstance(info.value, Exception)
 
 
 def test_unrecognized_encoder_is_an_error_not_an_unwrapped_run(hooked):
