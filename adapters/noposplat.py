@@ -20,12 +20,12 @@
 """
 
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from einops import reduce
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 from diff3r_plugin.errors import ConfigError, ShapeError
 from diff3r_plugin.geometry.cameras import invert_rigid
@@ -37,7 +37,7 @@ from diff3r_plugin.layer.views import ContextViews
 from .base import Adapter, Diff3RState
 from .registry import register_adapter
 
-__all__ = ["NoPoSplatAdapter"]
+__all__ = ["NoPoSplatAdapter", "init_point_depth"]
 
 
 @register_adapter("noposplat")
@@ -115,3 +115,38 @@ class NoPoSplatAdapter(Adapter):
             extr = self.estimate_context_poses(views, gaussians)
         return ContextViews(views.images, extr, views.intrinsics, views.near, views.far,
                             views.background, views.sh_basis, views.weights)
+
+
+def init_point_depth(encoder: nn.Module, depth: float) -> List[str]:
+    """Set NoPoSplat's point-head output bias so that untrained points lie ``depth`` ahead.
+
+    NoPoSplat regresses each pixel's point ``xyz`` in the reference camera frame as
+    ``u * expm1(|o|)`` with ``o`` the last 1x1 convolution's first three channels and
+    ``u = o / |o|`` (DUSt3R's ``depth_mode=('exp', -inf, inf)``). With random weights ``o`` is
+    small, so every point lies within a few hundredths of the camera centre, in front of the
+    near-plane cull (upstream's rasterizer culls ``z <= 0.2`` after its scale-invariant
+    rescaling, the plugin's renderer likewise): nothing is drawn and the photometric loss has no
+    gradient. Setting the bias of those channels to ``(0, 0, log1p(depth))`` moves the untrained
+    points to about ``depth`` in front of the reference camera (clustered near the optical axis:
+    the network has not learnt rays), so renders are non-empty and gradients flow. This is an
+    initialization for plumbing checks with random weights, not a trained model; it changes
+    values, never ``state_dict`` keys. Returns the names of the changed parameters.
+    """
+    import math
+
+    if depth <= 0:
+        raise ConfigError(f"point_depth_init must be > 0, got {depth}")
+    changed = []
+    for name in ("downstream_head1", "downstream_head2"):
+        head = getattr(encoder, name, None)
+        seq = getattr(getattr(head, "dpt", None), "head", None)
+        last = None
+        if isinstance(seq, nn.Sequential) and isinstance(seq[-1], nn.Conv2d) and seq[-1].bias is not None:
+            last = seq[-1]
+        if last is None or last.bias.numel() < 3:
+            raise ShapeError(f"init_point_depth: {type(encoder).__name__} has no NoPoSplat point head '{name}'"
+                             " (dpt.head[-1] with a bias of >= 3 channels)")
+        with torch.no_grad():
+            last.bias[:3] = torch.tensor([0.0, 0.0, math.log1p(depth)], dtype=last.bias.dtype)
+        changed.append(f"{name}.dpt.head.{len(seq) - 1}.bias[:3]")
+    return changed

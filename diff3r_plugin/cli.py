@@ -1,8 +1,10 @@
-"""The ``diff3r`` command line: ``diff3r bench render|layer|step``, ``diff3r eval``, ``diff3r experiment``."""
+"""The ``diff3r`` command line: ``diff3r bench render|layer|step``, ``diff3r build-native``,
+``diff3r eval``, ``diff3r experiment``, ``diff3r cpu-run -m MODULE [ARGS...]``."""
 
 import argparse
 import json
 import sys
+from typing import List, Optional
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -13,7 +15,19 @@ def _print(result: dict, as_json: bool) -> None:
         print(f"{key:>28}: {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_native(args) -> dict:
+    from .render.native import native_status
+    return native_status()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cpu-run"]:
+        # Everything after `-m MODULE` belongs to the module (Hydra overrides, its own flags),
+        # so argparse must not see it.
+        from .integration.cpu_run import main as cpu_run_main
+
+        return cpu_run_main(argv[1:])
     parser = argparse.ArgumentParser(prog="diff3r", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -32,34 +46,29 @@ def main(argv: list[str] | None = None) -> int:
     p_step.add_argument("--json", action="store_true", help="print one JSON object")
     p_step.set_defaults(func=step_bench.run)
 
-    try:
-        from .bench import layer_bench
-    except ImportError:  # pragma: no cover - during partial installs
-        layer_bench = None
-    if layer_bench is not None:
-        p_layer = bench_sub.add_parser("layer", help="implicit vs unrolled backward of the TTO layer")
-        layer_bench.add_arguments(p_layer)
-        p_layer.add_argument("--json", action="store_true")
-        p_layer.set_defaults(func=layer_bench.run)
+    from .bench import layer_bench
+    p_layer = bench_sub.add_parser("layer", help="implicit vs unrolled backward of the TTO layer")
+    layer_bench.add_arguments(p_layer)
+    p_layer.add_argument("--json", action="store_true")
+    p_layer.set_defaults(func=layer_bench.run)
 
     p_native = sub.add_parser("build-native", help="build the compiled CPU renderer kernels now (else on first use)")
     p_native.add_argument("--json", action="store_true")
-    p_native.set_defaults(func=lambda args: __import__("diff3r_plugin.render.native", fromlist=["x"]).native_status())
+    p_native.set_defaults(func=_build_native)
 
-    for name, module_name, help_text in (
-        ("eval", "evaluation.eval_cli", "evaluate methods on a dataset"),
-        ("experiment", "evaluation.experiment", "train baseline and Diff3R, then evaluate"),
+    from .evaluation import eval_cli, experiment
+    for name, module, help_text in (
+        ("eval", eval_cli, "evaluate methods on a dataset"),
+        ("experiment", experiment, "train baseline and Diff3R, then evaluate"),
     ):
-        try:
-            module = __import__(f"diff3r_plugin.{module_name}", fromlist=["run"])
-        except ImportError:
-            continue
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)
         if not any(a.dest == "json" for a in p._actions):
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=module.run)
 
+    sub.add_parser("cpu-run", help="run `python -m MODULE ARGS` of an upstream repo without CUDA",
+                   usage="diff3r cpu-run -m MODULE [ARGS...]")
     args = parser.parse_args(argv)
     result = args.func(args)
     _print(result, getattr(args, "json", False))

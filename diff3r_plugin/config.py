@@ -426,6 +426,10 @@ class Diff3RConfig(_Section):
         head: Uncertainty-head settings.
         progress: Show a progress bar for the inner steps.
         optimize_pose: Refine context camera poses jointly (pose-free adapters only).
+        point_depth_init: Upstream runs with *random* NoPoSplat weights only (plumbing checks):
+            when > 0 the point heads' output bias is set so the untrained points lie this far
+            in front of the reference camera (see ``adapters.noposplat.init_point_depth``);
+            0 = off. Refused together with a checkpoint.
     """
 
     _PATH: ClassVar[str] = "diff3r"
@@ -460,6 +464,7 @@ class Diff3RConfig(_Section):
     head: HeadConfig = field(default_factory=HeadConfig)
     progress: bool = False
     optimize_pose: bool = True
+    point_depth_init: float = field(default=0.0, metadata=_bound(ge=0))
 
     def _check_cross_field(self, path: str) -> None:
         # The combinations no backend can run are errors here, at construction, instead of in

@@ -67,3 +67,7 @@ class UnknownAdapterError(Diff3RError, KeyError):
 
 class BackendUnavailableError(Diff3RError, RuntimeError):
     """A renderer backend cannot be used here (e.g. gsplat without CUDA)."""
+
+
+class IntegrationError(Diff3RError, RuntimeError):
+    """The plugin cannot hook into an upstream program (class not found, Hydra too old, ...)."""

@@ -246,6 +246,7 @@ def test_built_in_uncertainty_head_is_attached_and_trained():
     enc = _wrapped("mvsplat", config=dataclasses.replace(FAST, lambda_mode="predicted"))
     assert isinstance(enc.diff3r_head, UncertaintyHead)
     out = enc(uf.context_for("mvsplat"), 0)
+    assert isinstance(enc.diff3r_head, UncertaintyHead)
     out.means.sum().backward()
     grads = [p.grad for p in enc.diff3r_parameters()]
     assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)

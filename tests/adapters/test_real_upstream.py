@@ -1,4 +1,6 @@
-"""The adapter contract against real upstream checkouts (skipped unless they are given).
+"""The adapter contract and the Hydra-callback path against real upstream checkouts.
+
+Skipped unless the checkouts are given.
 
 Set ``DIFF3R_UPSTREAM_MVSPLAT`` / ``DIFF3R_UPSTREAM_PIXELSPLAT`` / ``DIFF3R_UPSTREAM_DEPTHSPLAT``
 / ``DIFF3R_UPSTREAM_NOPOSPLAT`` to a donydchen/mvsplat, dcharatan/pixelsplat, cvg/depthsplat or
@@ -10,9 +12,15 @@ facebookresearch/dinov2 checkout by ``offline_torch_hub``, found through
 ``DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2`` or the torch hub cache; skipped without one),
 images are 64x64 from ``DIFF3R_TEST_RE10K`` (default: the shared padded RE10K demo chunk), the
 TTO is cheap (1 Adam step).
+
+``test_real_upstream_trains_through_callback`` runs the path a user runs: the upstream's own
+``python -m src.main +experiment=re10k +optimizer=diff3r`` through ``diff3r cpu-run`` (two
+training steps), then checks the ``diff3r_report.json`` and the saved checkpoint.
 """
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +69,21 @@ ZERO_GRAD_ALLOWED = {
 }
 
 
+#: How each repo is composed in-process for the contract test (CPU, random weights, no download).
+SPECS = {
+    "mvsplat": {"dataset": "dataset", "image_shape_key": "image_shape",
+                "view_sampler": "dataset/view_sampler=evaluation",
+                "extra": ["model.encoder.unimatch_weights_path=null"]},
+    "pixelsplat": {"dataset": "dataset", "image_shape_key": "image_shape",
+                   "view_sampler": "dataset/view_sampler=evaluation", "extra": ["model/encoder/backbone=resnet"]},
+    "depthsplat": {"dataset": "dataset", "image_shape_key": "image_shape",
+                   "view_sampler": "dataset/view_sampler=evaluation",
+                   "extra": ["model.encoder.unimatch_weights_path=null"]},
+    "noposplat": {"dataset": "dataset.re10k", "image_shape_key": "input_image_shape",
+                  "view_sampler": "dataset/view_sampler@dataset.re10k.view_sampler=evaluation", "extra": []},
+}
+
+
 def _purge_src() -> None:
     """Both upstream repos are the package ``src``: never keep two in one process."""
     for name in [m for m in sys.modules if m == "src" or m.startswith("src.")]:
@@ -75,15 +98,15 @@ def upstream(request):
         pytest.skip(f"{var} is not set")
     if not DATA.is_dir():
         pytest.skip(f"{DATA} not found")
-    from diff3r_plugin.integration.upstream import (UPSTREAM_SPECS, OfflineHubError,
-                                                    compose_upstream_config, install_import_stubs,
-                                                    offline_torch_hub)
+    from diff3r_plugin.integration.compose import compose_upstream_config
+    from diff3r_plugin.integration.cpu_run import install_import_stubs
+    from diff3r_plugin.integration.offline_hub import OfflineHubError, offline_torch_hub
 
     install_import_stubs()
     _purge_src()
     sys.path.insert(0, str(Path(path).resolve()))
     try:
-        spec = UPSTREAM_SPECS[repo]
+        spec = SPECS[repo]
         ds = spec["dataset"]
         cfg = compose_upstream_config(path, [
             "+experiment=re10k", "+optimizer=diff3r", "mode=test", "wandb.mode=disabled",
@@ -129,7 +152,8 @@ def _gaussians(repo: str, out, types):
 def test_real_upstream_contract(upstream):
     from torch.utils.data import default_collate
 
-    from diff3r_plugin.integration.upstream import TorchDecoder, wrap_from_hydra
+    from diff3r_plugin.integration.cpu_run import TorchDecoder
+    from diff3r_plugin.integration.hydra_callback import wrap_from_hydra
 
     repo, cfg, encoder, example = upstream
     import src.model.types as types
@@ -137,7 +161,7 @@ def test_real_upstream_contract(upstream):
     if repo == "noposplat":
         # Random NoPoSplat weights put every point in front of the near-plane cull (nothing
         # renders, no photometric gradient); start the untrained points 2 units ahead instead.
-        from diff3r_plugin.integration.upstream import init_point_depth
+        from diff3r_plugin.adapters.noposplat import init_point_depth
 
         init_point_depth(encoder, 2.0)
     keys = list(encoder.state_dict().keys())
@@ -196,7 +220,7 @@ def test_real_upstream_contract(upstream):
 
 def test_offline_torch_hub_builds_from_local_checkout(tmp_path, monkeypatch):
     """GitHub hub loads go to a local checkout with pretrained=False; nothing is downloaded."""
-    from diff3r_plugin.integration.upstream import OfflineHubError, local_hub_checkout, offline_torch_hub
+    from diff3r_plugin.integration.offline_hub import OfflineHubError, local_hub_checkout, offline_torch_hub
 
     repo = tmp_path / "dinov2"
     repo.mkdir()
@@ -228,7 +252,7 @@ def test_offline_torch_hub_builds_from_local_checkout(tmp_path, monkeypatch):
 def test_matplotlib_get_cmap_shim():
     """DepthSplat does ``from matplotlib.cm import get_cmap`` (removed in matplotlib 3.9)."""
     pytest.importorskip("matplotlib")
-    from diff3r_plugin.integration.upstream import install_import_stubs
+    from diff3r_plugin.integration.cpu_run import install_import_stubs
 
     install_import_stubs(["matplotlib.cm.get_cmap"])
     import matplotlib
@@ -236,3 +260,36 @@ def test_matplotlib_get_cmap_shim():
 
     assert get_cmap("turbo").name == matplotlib.colormaps["turbo"].name
     assert get_cmap("viridis", 8).N == 8
+
+
+@pytest.mark.parametrize("repo, var", [("mvsplat", "DIFF3R_UPSTREAM_MVSPLAT"),
+                                       ("noposplat", "DIFF3R_UPSTREAM_NOPOSPLAT"),
+                                       ("pixelsplat", "DIFF3R_UPSTREAM_PIXELSPLAT"),
+                                       ("depthsplat", "DIFF3R_UPSTREAM_DEPTHSPLAT")])
+def test_real_upstream_trains_through_callback(repo, var, tmp_path):
+    """``+optimizer=diff3r`` alone: upstream's training loop trains through Diff3R, checkpoints the head."""
+    path = os.environ.get(var)
+    if not path:
+        pytest.skip(f"{var} is not set")
+    if repo == "depthsplat" and not os.environ.get("DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2"):
+        pytest.skip("DepthSplat builds DINOv2 through torch.hub: set DIFF3R_TORCH_HUB_FACEBOOKRESEARCH_DINOV2")
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} not found")
+    from diff3r_plugin.integration.examples import _train_root, example_overrides, upstream_command
+
+    out = tmp_path / "run"
+    diff3r = ["steps=1", "inner_solver=adam", "pcg_maxiter=5"] + (["point_depth_init=2.0"] if repo == "noposplat" else [])
+    cmd = upstream_command(example_overrides(repo, _train_root(DATA, tmp_path), 64, 2, diff3r,
+                                             [f"hydra.run.dir={out}"]), "cpu")
+    proc = subprocess.run(cmd, cwd=path, capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "diff3r_report.json").read_text())
+    assert report["wrapped"] is True and report["adapter"] == repo
+    assert report["head_in_optimizer"] is True and report["head_parameters"] > 0
+    assert report["train_steps"] == 2 and report["losses_finite"] and len(report["losses"]) == 2
+    assert report["head_digest"] != report["head_digest_initial"]  # the head was trained
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
+    assert ckpts, list(out.iterdir())
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"]
+    assert any(k.startswith("diff3r_head.") for k in state)
+    assert any(k.startswith("encoder.") for k in state)

@@ -1,4 +1,4 @@
-"""wrap_from_hydra, TorchDecoder, import stubs and Hydra composition against a fake upstream."""
+"""wrap_from_hydra, TorchDecoder, import stubs, Hydra composition and NoPoSplat point-depth init."""
 
 import sys
 from pathlib import Path
@@ -8,8 +8,9 @@ import torch
 
 import upstream_fixtures as uf
 from diff3r_plugin.errors import UnknownAdapterError
-from diff3r_plugin.integration.upstream import (DecoderOutput, TorchDecoder, compose_upstream_config,
-                                                install_import_stubs, wrap_from_hydra)
+from diff3r_plugin.integration.compose import compose_upstream_config
+from diff3r_plugin.integration.cpu_run import DecoderOutput, TorchDecoder, install_import_stubs
+from diff3r_plugin.integration.hydra_callback import wrap_from_hydra
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -82,7 +83,7 @@ def test_import_stubs(monkeypatch):
     with pytest.raises(RuntimeError, match="stub"):
         ed.VideoFileClip
     assert install_import_stubs(["torch"]) == []  # real modules are left alone
-    from diff3r_plugin.integration.upstream import install_rasterizer_stub
+    from diff3r_plugin.integration.cpu_run import install_rasterizer_stub
 
     mod = install_rasterizer_stub("diff3r_fake_cuda_ext")
     mod.GaussianRasterizationSettings(image_height=1)
@@ -97,7 +98,7 @@ def test_init_point_depth_moves_untrained_points_ahead_and_keeps_keys():
 
     from torch import nn
 
-    from diff3r_plugin.integration.upstream import init_point_depth
+    from diff3r_plugin.adapters.noposplat import init_point_depth
 
     class Dpt(nn.Module):
         def __init__(self):
