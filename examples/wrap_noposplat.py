@@ -30,9 +30,9 @@ from diff3r_plugin.demo import main as builtin_main
 
 def upstream_main(argv):
     """The ``--upstream`` path: the upstream checkout's own encoder, wrapped in place."""
-    from diff3r_plugin.integration.upstream import example_main
+    from diff3r_plugin.integration.examples import run_upstream_example
 
-    return example_main("noposplat", "pose_free", __doc__, argv)
+    return run_upstream_example("noposplat", argv)
 
 
 def uses_upstream(argv) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from diff3r_plugin.demo import DEMO_METHODS, OUTPUT_FILES, main as demo_main
-from diff3r_plugin.integration.upstream import example_main
+from diff3r_plugin.integration.examples import run_upstream_example
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,14 +111,14 @@ def test_example_script_dispatches_bad_option_to_the_builtin_parser():
 
 def test_repo_without_upstream_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        example_main("mvsplat", "pose_given", "example", ["--repo", "depthsplat"])
+        run_upstream_example("mvsplat", ["--repo", "depthsplat"])
     assert exc.value.code == 2
-    assert "--repo" in capsys.readouterr().err
+    assert "--upstream" in capsys.readouterr().err
 
 
 def test_unknown_repo_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        example_main("mvsplat", "pose_given", "example", ["--repo", "anysplat", "--upstream", "/nowhere"])
+        run_upstream_example("mvsplat", ["--repo", "anysplat", "--upstream", "/nowhere"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "anysplat" in err and "depthsplat" in err

@@ -173,17 +173,33 @@ def build_builtin(kind: str, size: int, config, device: torch.device, seed: int)
     return StepModel(encode, render, tgt["image"], params, f"{kind} ({size}x{size})")
 
 
+#: Where each upstream keeps its dataset node and image shape, and what a random-weight
+#: encoder needs offline (no UniMatch weights; pixelSplat's ResNet backbone instead of DINO).
+_UPSTREAM_SPECS = {
+    "mvsplat": {"dataset": "dataset", "image_shape_key": "image_shape",
+                "extra": ["model.encoder.unimatch_weights_path=null"]},
+    "pixelsplat": {"dataset": "dataset", "image_shape_key": "image_shape",
+                   "extra": ["model/encoder/backbone=resnet"]},
+    "depthsplat": {"dataset": "dataset", "image_shape_key": "image_shape",
+                   "extra": ["model.encoder.unimatch_weights_path=null"]},
+    "noposplat": {"dataset": "dataset.re10k", "image_shape_key": "input_image_shape", "extra": []},
+}
+
+
 def build_upstream(path: str, repo: str, size: int, overrides: list[str], device: torch.device,
                    seed: int) -> StepModel:
     """A real upstream encoder (random weights), wrapped from its composed Hydra config."""
     from pathlib import Path
 
     # Everything taken from the integration helpers, in one place.
-    from ..integration.upstream import (UPSTREAM_SPECS, TorchDecoder, _background_from_cfg,
-                                        compose_upstream_config, install_import_stubs,
-                                        offline_torch_hub, wrap_from_hydra)
+    from ..integration.compose import compose_upstream_config
+    from ..integration.cpu_run import TorchDecoder, install_import_stubs
+    from ..integration.hydra_callback import _background_from_cfg, wrap_from_hydra
+    from ..integration.offline_hub import offline_torch_hub
 
-    spec = UPSTREAM_SPECS[repo]
+    if repo not in _UPSTREAM_SPECS:
+        raise ValueError(f"--repo must be one of {sorted(_UPSTREAM_SPECS)}, got {repo!r}")
+    spec = _UPSTREAM_SPECS[repo]
     upstream = Path(path).resolve()
     install_import_stubs()
     if str(upstream) not in sys.path:
