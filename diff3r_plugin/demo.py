@@ -43,7 +43,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_STEPS", "DEMO_METHODS", "OUTPUT_FILES", "run_demo", "format_table", "build_parser", "main"]
+__all__ = ["DEFAULT_STEPS", "DEMO_METHODS", "OUTPUT_FILES", "run_demo", "format_table", "build_parser", "main",
+           "example_main", "uses_upstream"]
 
 Kind = Literal["pose_free", "pose_given"]
 DEMO_METHODS = ("zero_shot", "zero_shot_tto", "diff3r_tto")
@@ -285,3 +286,19 @@ def main(kind: Kind, doc: str, argv: Sequence[str] | None = None, *, prog: str |
     for path in result["files"].values():
         print(f"  {path}")
     return 0
+
+
+def uses_upstream(argv: Sequence[str]) -> bool:
+    """Whether an example's command line asks for an upstream checkout (``--upstream``/``--repo``)."""
+    return any(a in ("--upstream", "--repo") or a.startswith(("--upstream=", "--repo=")) for a in argv)
+
+
+def example_main(repo: str, kind: Kind, doc: str, argv: Sequence[str], *, default_out: str) -> int:
+    """``examples/wrap_<repo>.py``: the upstream's own ``src.main`` with ``--upstream PATH``, else
+    the built-in main job."""
+    if uses_upstream(argv):
+        from .integration.examples import run_upstream_example
+
+        return run_upstream_example(repo, argv)
+    return main(kind, doc, argv, default_out=default_out)
+

@@ -25,22 +25,7 @@ Examples::
 
 import sys
 
-from diff3r_plugin.demo import main as builtin_main
-
-
-def upstream_main(argv):
-    """The ``--upstream`` path: the upstream checkout's own encoder, wrapped in place."""
-    from diff3r_plugin.integration.examples import run_upstream_example
-
-    return run_upstream_example("noposplat", argv)
-
-
-def uses_upstream(argv) -> bool:
-    return any(a in ("--upstream", "--repo") or a.startswith(("--upstream=", "--repo=")) for a in argv)
-
+from diff3r_plugin.demo import example_main
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if uses_upstream(argv):
-        sys.exit(upstream_main(argv))
-    sys.exit(builtin_main("pose_free", __doc__, argv, default_out="outputs/wrap_noposplat"))
+    sys.exit(example_main("noposplat", "pose_free", __doc__, sys.argv[1:], default_out="outputs/wrap_noposplat"))
