@@ -103,13 +103,14 @@ def load_real_examples(root, index_path=None, image_size: int = 32, max_scenes: 
 
 
 def load_real_windows(root, index_path=None, image_size: int = 64, max_scenes: int | None = None,
-                      gap: int = 3) -> list:
+                      gap: int = 3, stride: int = 1) -> list:
     """Every context window of each scene listed in the evaluation index.
 
     Window ``i`` has context views ``(i, i + gap)`` and targets ``i + 1 .. i + gap - 1`` (with
     ``gap = 3``: context ``i, i+3``, targets ``i+1, i+2``, the shape of
     ``evaluation_index_2ctx.json``), for every ``i`` with ``i + gap`` inside the scene. Each
-    example carries ``"scene"`` (key) and ``"window"`` (``i``).
+    example carries ``"scene"`` (key) and ``"window"`` (``i``). ``stride > 1`` keeps every
+    ``stride``-th window only (a reduced protocol; the default is every window).
     """
     from ..data.chunks import ChunkDataset, EvalEntry, load_evaluation_index
     root = Path(root)
@@ -122,7 +123,7 @@ def load_real_windows(root, index_path=None, image_size: int = 64, max_scenes: i
         if entry is None or key not in ds:
             continue
         n = ds[key].num_views
-        for i in range(n - gap):
+        for i in range(0, n - gap, max(1, stride)):
             window = EvalEntry(context=(i, i + gap), target=tuple(range(i + 1, i + gap)))
             ex = ds.make_example(key, window, image_shape=(image_size, image_size))
             ex["scene"], ex["window"] = key, i

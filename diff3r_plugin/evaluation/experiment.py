@@ -46,6 +46,7 @@ import copy
 import json
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -327,6 +328,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                    head_lr: float = 1e-3, lr_scale: float = 4.0, pcg_maxiter: int = 8,
                    precond_probes: int = 1, grad_cosine_every: int = 10, eval_batch: int = 4,
                    progress: bool = True, train_steps: int | None = None,
+                   window_stride: int = 1,
                    constant_lambda: float | None = None, **_ignored) -> dict:
     """Run the protocol of the module docstring; returns the JSON-ready result.
 
@@ -358,13 +360,19 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
     data_dir = default_data_dir() if data == "default" else (Path(data) if data else None)
     real_examples = None
     if data_dir is not None and (Path(data_dir) / "test").is_dir():
-        real_examples = load_real_windows(data_dir, None, image_size, real_scenes)
+        real_examples = load_real_windows(data_dir, None, image_size, real_scenes,
+                                          stride=window_stride)
         if max_windows is not None:
             real_examples = real_examples[:max_windows]
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     files, timings = [], {}
+
+    def note(message):
+        # One line per phase on stderr, so that a long run can be followed.
+        print(f"[experiment {(time.perf_counter() - t_start) / 60:6.1f} min] {message}",
+              file=sys.stderr, flush=True)
 
     # 1. Outer steps from the zero-shot baseline's validation curve (first seed).
     t = time.perf_counter()
@@ -381,6 +389,8 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         n_pre = max(s for s in snaps if s <= n_pre)
         n_ft = n_outer - n_pre
     timings["curve"] = time.perf_counter() - t
+    note(f"outer steps N = {n_outer} (pretrain {n_pre}, fine-tune {n_ft}); "
+         f"curve {timings['curve']:.0f} s")
     if out_dir and curve is not None:
         _save_curve_png(curve, out_dir / "training_curve.png", "zero-shot baseline, first seed")
         files.append(str(out_dir / "training_curve.png"))
@@ -405,6 +415,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
     cfg = cfg.merge({"constant_lambda": best_lambda})
     eval_cfg = eval_cfg.merge({"constant_lambda": best_lambda})
     timings["lambda_choice"] = time.perf_counter() - t
+    note(f"baseline TTO Lambda = {best_lambda} ({timings['lambda_choice']:.0f} s): {variants}")
 
     # 3. Per seed: train, save, evaluate.
     per_seed = {"real": [], "embedded": []}
@@ -448,6 +459,14 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             if k == 0:
                 first_eval[split] = res
         timings[f"eval_seed{s}"] = time.perf_counter() - t
+        note(f"seed {s}: trained in {timings[f'train_seed{s}']:.0f} s, evaluated in "
+             f"{timings[f'eval_seed{s}']:.0f} s")
+        if out_dir:  # what the seeds so far give, in case a long run is cut short
+            partial = {split: _aggregate(rows, PROTOCOL_METHODS) for split, rows in per_seed.items()
+                       if rows}
+            (out_dir / "partial.json").write_text(json.dumps(
+                {"seeds_done": k + 1, "outer_steps": n_outer, "baseline_tto_lambda": best_lambda,
+                 **partial, "timings_s": timings}, indent=2))
 
     # 4. The pose-free built-in model through the same protocol (same N, same Lambda grid).
     pose_free_result = {}
@@ -478,6 +497,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         pose_free_result["note"] = ("diff3r_tto's head starts at the pose-given protocol's "
                                     "chosen Lambda; zero_shot_tto uses the pose-free baseline's")
         timings["pose_free"] = time.perf_counter() - t
+        note(f"pose-free done in {timings['pose_free']:.0f} s")
 
     # 5. Aggregate.
     result: dict = {}
@@ -583,6 +603,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'' to skip")
     p.add_argument("--real-scenes", type=int, default=None)
     p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--window-stride", type=int, default=1,
+                   help="keep every k-th context window (reduced protocol; default: all)")
     p.add_argument("--model", choices=("pose_given", "pose_free"), default="pose_given")
     p.add_argument("--no-pose-free", action="store_true", help="skip the pose-free model")
     p.add_argument("--pose-free-seeds", type=int, default=1)
@@ -624,4 +646,5 @@ def run(args) -> dict:
         constant_lambda=args.constant_lambda, lr=args.lr, head_lr=args.head_lr,
         lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
         grad_cosine_every=args.grad_cosine_every, eval_batch=args.eval_batch,
+        window_stride=args.window_stride,
         progress=not args.no_progress)

@@ -125,3 +125,57 @@ def test_gradient_cosine_matches_direct_unrolled_computation():
     # A 3-step map is far from stationary: the two gradients differ, so the cosine says so.
     assert cos["theta0"] < 0.9999
     assert cos["stationarity"] is not None and cos["stationarity"] > 0
+
+
+def test_every_context_window_of_the_real_scenes():
+    from diff3r_plugin.data.chunks import ChunkDataset
+    from diff3r_plugin.evaluation.eval_cli import load_real_windows
+
+    root = default_data_dir()
+    if root is None:
+        pytest.skip("../shared/data/re10k_demo is not present")
+    windows = load_real_windows(root, image_size=16)
+    ds = ChunkDataset(root, "test")
+    counts = {}
+    for ex in windows:
+        counts[ex["scene"]] = counts.get(ex["scene"], 0) + 1
+        i = ex["window"]
+        assert ex["context"]["index"][0].tolist() == [i, i + 3]
+        assert ex["target"]["index"][0].tolist() == [i + 1, i + 2]
+        assert ex["context"]["image"].shape == (1, 2, 3, 16, 16)
+    assert counts == {key: ds[key].num_views - 3 for key in counts}
+    assert len(counts) == 3 and len(windows) == sum(counts.values())
+    strided = load_real_windows(root, image_size=16, stride=3)
+    assert [(e["scene"], e["window"]) for e in strided] == \
+        [(e["scene"], e["window"]) for e in windows if e["window"] % 3 == 0]
+
+
+def test_batched_evaluation_equals_one_example_at_a_time():
+    """Scenes solved in one layer call keep their own TTO: the same metrics as one by one."""
+    from diff3r_plugin.data.embedded import EmbeddedDataset
+    from diff3r_plugin.evaluation.eval_cli import evaluate
+    from diff3r_plugin.models import TinyPoseGivenEncoder
+    from diff3r_plugin.training import tto_config
+    from diff3r_plugin.uncertainty import UncertaintyHead
+
+    torch.manual_seed(0)
+    ds = EmbeddedDataset.held_out(2, image_shape=(12, 12), num_views=4)
+    examples = [ds[0], ds[1]]
+    enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
+    head = UncertaintyHead(enc.num_features, enc.sh_degree, 0, init=0.5).eval()
+    models = {"baseline": (enc, None), "diff3r": (enc, head)}
+    cfg = tto_config(2, pcg_maxiter=3)
+    kw = dict(methods=("zero_shot_tto", "zero_shot_tto_naive", "diff3r_tto"), steps_list=[0, 1, 2],
+              lambda_overlap=True)
+    one = evaluate(models, examples, cfg, batch_size=1, **kw)
+    two = evaluate(models, examples, cfg, batch_size=2, **kw)
+    for m in kw["methods"]:
+        assert len(two["metrics"][m]["per_view_psnr"]) == 2 * len(examples)
+        assert two["metrics"][m]["per_view_psnr"] == pytest.approx(
+            one["metrics"][m]["per_view_psnr"], abs=2e-3)
+        assert two["psnr_vs_steps"][m] == pytest.approx(one["psnr_vs_steps"][m], abs=2e-3)
+    # Naive TTO uses the near-zero Lambda, so it differs from the constant-Lambda TTO.
+    assert one["lambda_mean"]["zero_shot_tto_naive"] == pytest.approx(1e-4)
+    assert one["metrics"]["zero_shot_tto_naive"]["per_view_psnr"] != \
+        one["metrics"]["zero_shot_tto"]["per_view_psnr"]
+    assert len(one["lambda_overlap"]["diff3r"]["per_example"]) == len(examples)
