@@ -224,14 +224,14 @@ def _save_curve_png(curve: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _choose_lambda(enc, val, cfg, grid, steps_list, progress):
+def _choose_lambda(enc, val, cfg, grid, steps_list, progress, batch_size=1):
     """Constant Lambda of the baseline's TTO with the best validation PSNR after the TTO."""
     rows = []
     for lam in grid:
         res = evaluate({"baseline": (enc, None)}, val, cfg, methods=("zero_shot_tto",),
                        steps_list=steps_list,
                        method_overrides={"zero_shot_tto": {"constant_lambda": float(lam)}},
-                       progress=progress)
+                       progress=progress, batch_size=batch_size)
         rows.append({"lambda": float(lam), "val_psnr": res["metrics"]["zero_shot_tto"]["psnr"],
                      "val_psnr_vs_steps": res["psnr_vs_steps"]["zero_shot_tto"]})
     best = max(rows, key=lambda r: r["val_psnr"])
@@ -409,7 +409,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             snaps = {n_outer: copy.deepcopy(enc0.state_dict())}
         enc0.eval()
         best_lambda, variants = _choose_lambda(enc0, val, eval_cfg, lambda_grid, [0, eval_tto_steps],
-                                               progress)
+                                               progress, eval_batch)
     else:
         best_lambda = float(constant_lambda)
     cfg = cfg.merge({"constant_lambda": best_lambda})
@@ -482,7 +482,8 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                 grad_cosine_every=None, progress=progress)
             if k == 0 and constant_lambda is None:
                 pf_lambda, pf_variants = _choose_lambda(models_pf["baseline"][0], val, eval_cfg,
-                                                        lambda_grid, [0, eval_tto_steps], progress)
+                                                        lambda_grid, [0, eval_tto_steps], progress,
+                                                        eval_batch)
             pf_cfg = eval_cfg.merge({"constant_lambda": pf_lambda})
             pf_real.append(evaluate(models_pf, real_examples, pf_cfg, methods=POSE_FREE_METHODS,
                                     steps_list=steps_list, progress=progress,
