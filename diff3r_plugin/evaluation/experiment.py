@@ -511,6 +511,9 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             result["psnr_vs_steps"][split], result["peak_step"][split] = _curves(per_seed[split])
         else:
             result["psnr_vs_steps"][split], result["peak_step"][split] = {}, {}
+    if pose_free_result:
+        result["psnr_vs_steps"]["pose_free"] = pose_free_result["psnr_vs_steps"]
+        result["peak_step"]["pose_free"] = pose_free_result["peak_step"]
     result["lambda_overlap_ratio"] = {
         split: (_overlap_ratio(per_seed[split])["ratio"] if per_seed[split] else None)
         for split in ("real", "embedded")}
