@@ -564,6 +564,10 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                         "samples": len(grad_cos), "every": grad_cosine_every},
         "mean_inner_stationarity": _mean([l.get("stationarity") for l in d_logs]),
         "mean_pcg_rel_residual": _mean([l.get("pcg_rel_residual") for l in d_logs]),
+        "per_step_first_seed": {  # the layer's diagnostics at every Diff3R training step
+            key: [l.get(key) for l in hists[0]["diff3r"].logs]
+            for key in ("stationarity", "pcg_rel_residual", "pcg_iters", "mse")} if hists else {},
+        "grad_cosine_samples": grad_cos,
         "baseline_tto_lambda": best_lambda,
         "lambda_variants": variants,
         "tto": {"train_steps": cfg.steps, "eval_steps": eval_cfg.steps,
