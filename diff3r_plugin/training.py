@@ -41,11 +41,11 @@ from tqdm import tqdm
 from .config import Diff3RConfig, require_head
 from .evaluation.metrics import lpips_available
 from .gaussians.layout import GaussianParams, from_upstream
-from .layer import ContextViews, Diff3RLayer
+from .layer import ContextViews, Diff3RLayer, diff3r_layer
 from .render.api import render_params
 
 __all__ = ["tto_config", "prepare_batch", "forward_model", "render_targets", "training_step", "train",
-           "TrainResult", "PCGSummary", "Prediction"]
+           "TrainResult", "PCGSummary", "Prediction", "gradient_cosine", "layer_gradients"]
 
 Method = Literal["baseline", "diff3r"]
 
@@ -188,12 +188,18 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
           method: Method = "diff3r", lambda_mode: Literal["predicted", "constant"] = "predicted",
           config: Diff3RConfig | None = None, lr: float = 1e-3, head_lr: float | None = None,
           lpips_weight: float = 0.05, progress: bool = True, grad_clip: float = 1.0,
-          time_budget_s: float | None = None) -> TrainResult:
+          time_budget_s: float | None = None, grad_cosine_every: int | None = None,
+          step_callback=None) -> TrainResult:
     """Train ``encoder`` (and ``head`` for ``method="diff3r"``) for ``steps`` outer steps.
 
     ``batches`` is cycled. Returns the loss history (and Lambda's mean per step) and, for
     ``method="diff3r"``, a once-per-run summary of the implicit backward's PCG (also logged).
     ``time_budget_s`` stops early (the step count reached is ``len(result.losses)``).
+    Each step's log holds the inner stationarity and, after the backward, the implicit solve's
+    PCG residual (``pcg_rel_residual``, ``pcg_iters``); every ``grad_cosine_every`` steps
+    (``method="diff3r"``) it also holds :func:`gradient_cosine` on that step's batch.
+    ``step_callback(step, encoder)`` runs after each optimizer step (e.g. validation); a true
+    return value stops training.
     """
     config = config or tto_config()
     groups = [{"params": list(encoder.parameters()), "lr": lr}]
@@ -207,6 +213,7 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
     encoder.train()
     bar = tqdm(range(steps), disable=not progress, desc=f"train {method}", leave=False)
     for step in bar:
+        t_step = time.perf_counter()
         batch = batches[step % len(batches)]
         opt.zero_grad(set_to_none=True)
         infos: list = []
@@ -221,6 +228,11 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
             result.pcg.add(info)
             if info.pcg_rel_residual is not None:
                 step_log["pcg_rel_residual"] = float(info.pcg_rel_residual.max())
+                step_log["pcg_iters"] = int(info.pcg_iters.max())
+        step_log["step_seconds"] = time.perf_counter() - t_step  # forward + backward, before extras
+        if grad_cosine_every and method == "diff3r" and step % grad_cosine_every == 0:
+            step_log["grad_cosine"] = gradient_cosine(encoder, head, batch, config=config,
+                                                      lambda_mode=lambda_mode)
         params = [p for g in groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
@@ -230,6 +242,8 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
             with torch.no_grad():
                 result.lambda_mean.append(float(head.out.bias.detach().mean()))
         bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        if step_callback is not None and step_callback(step + 1, encoder):
+            break
         if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
             break
     encoder.eval()
@@ -237,3 +251,58 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
     if result.pcg.steps:
         log.info("train %s: %s", method, result.pcg.line())
     return result
+
+
+def _cosine(a: Tensor, b: Tensor) -> float | None:
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
+        return None
+    return float((a * b).sum() / (na * nb))
+
+
+def layer_gradients(theta0: Tensor, lam: Tensor, views: ContextViews, batch: dict,
+                    layout, config: Diff3RConfig, backward: str) -> tuple[Tensor, Tensor, object]:
+    """``(dL/dtheta0, dL/dLambda, info)`` of ``L = MSE(render_targets(layer(theta0, Lambda)))``
+    with the layer's ``backward`` (``"implicit"`` or ``"unroll"``); inputs are not modified."""
+    cfg = config.merge({"backward": backward})
+    t0 = theta0.detach().clone().requires_grad_(True)
+    lm = lam.detach().clone().requires_grad_(True)
+    theta, info = diff3r_layer(t0, lm, views, layout, cfg)
+    params = GaussianParams.unflatten(theta, layout)
+    pred = Prediction(params, params, lm, views, info)
+    loss = F.mse_loss(render_targets(pred, batch), batch["target"]["image"].to(theta.dtype))
+    g_t, g_l = torch.autograd.grad(loss, (t0, lm), allow_unused=True)
+    return (torch.zeros_like(t0) if g_t is None else g_t,
+            torch.zeros_like(lm) if g_l is None else g_l, info)
+
+
+def gradient_cosine(encoder: nn.Module, head: nn.Module | None, batch: dict, *,
+                    config: Diff3RConfig | None = None,
+                    lambda_mode: Literal["predicted", "constant"] = "predicted") -> dict:
+    """Cosine between the implicit and the unrolled gradient of the same K-step map.
+
+    With ``theta0`` and ``Lambda`` predicted for ``batch`` (then detached: the comparison is
+    about the layer's derivative, not the encoder's), the outer loss
+    ``L(theta_K(theta0, Lambda))`` (MSE of the target renders) is differentiated twice
+    (:func:`layer_gradients`):
+
+    * ``g_ift``: ``backward = "implicit"``, ``-(dF/dtheta0, dF/dLambda)^T H^{-1} dL/dtheta``
+      at the K-step iterate (exact only at a stationary point and with a converged PCG);
+    * ``g_unroll``: ``backward = "unroll"``, autograd through the same K inner steps: the exact
+      derivative of the map the forward pass computes.
+
+    Returns ``{"theta0": cos(g_ift, g_unroll) over dL/dtheta0, "lambda": ... over dL/dLambda,
+    "pcg_rel_residual", "stationarity"}``; a cosine is ``None`` when a gradient vanishes.
+    """
+    config = config or tto_config()
+    batch = prepare_batch(encoder, batch)
+    with torch.no_grad():
+        base = forward_model(encoder, head, batch, tto=False, lambda_mode=lambda_mode,
+                             config=config)
+    theta0 = base.theta0.flatten()
+    layout = base.theta0.layout
+    g_i, l_i, info = layer_gradients(theta0, base.lam, base.views, batch, layout, config, "implicit")
+    g_u, l_u, _ = layer_gradients(theta0, base.lam, base.views, batch, layout, config, "unroll")
+    s = info.summary()
+    return {"theta0": _cosine(g_i, g_u), "lambda": _cosine(l_i, l_u),
+            "pcg_rel_residual": s["pcg_rel_residual"], "stationarity": s["stationarity"]}

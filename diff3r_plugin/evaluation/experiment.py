@@ -1,36 +1,72 @@
-"""``diff3r experiment``: train a baseline and a Diff3R model with the same budget on embedded
-scenes, then evaluate both on real RealEstate10K scenes and on held-out embedded scenes.
+"""``diff3r experiment``: the evidence protocol for the claim "an encoder trained through the
+layer gives Gaussians that are better *after* TTO than a conventionally trained encoder given
+the same TTO".
 
-Protocol (documented choice, see README/report):
+Protocol (defaults; ``--quick`` shrinks every count for CI):
 
-* Same data, same outer-step count, same optimizer for both models. Training from scratch
-  through the layer is ~10x slower per step on CPU, so the Diff3R model is the baseline's
-  snapshot after ``(1 - f) * N`` steps, fine-tuned for the last ``f * N`` steps through the
-  layer (encoder + uncertainty head), while the baseline continues its zero-shot training for
-  the same ``f * N`` steps on the same batches (the paper also plugs the layer into a trained
-  backbone). Default ``f = 1/3``.
-* TTO at train and test time: Adam, K steps, per-group 3DGS rates x ``lr_scale``; implicit
-  backward with a capped PCG (``on_failure="fallback"``): the gradient is approximate (neither
-  the inner solve nor PCG converge; their residuals are in the JSON).
-* Real scenes: ``--data`` (default ``<repo>/../shared/data/re10k_demo``) with
-  ``evaluation_index_2ctx.json``, rescaled+centre-cropped to the training resolution, near 1,
-  far 100 (MVSplat's RE10K setting). Held-out embedded scenes: seeds >= 10000.
+1. **Data.** Generated embedded training scenes (seeds ``[0, scenes)``), a *validation* split of
+   held-out embedded scenes (held-out seeds from ``10000 + 1000``) on which every setting is
+   chosen, a *test* split of held-out embedded scenes (seeds from ``10000``), and the real
+   scenes of ``--data`` (pixelSplat chunks), evaluated on **every context window**: context
+   ``(i, i+3)``, targets ``i+1, i+2`` (:func:`~diff3r_plugin.evaluation.eval_cli.load_real_windows`).
+   The real scenes are never used for a choice.
+2. **Outer steps** ``N``: the zero-shot baseline of the first seed is trained with its
+   zero-shot PSNR on the validation scenes measured every ``val_every`` steps; training stops
+   after ``patience`` evaluations without improvement (or at ``max_steps``) and ``N`` is the
+   best step. The curve is written as ``training_curve.png``.
+3. **Models per seed** (same data, same ``N`` outer steps, same optimizer): the baseline trains
+   ``N`` steps without the layer. Training through the layer is ~5-10x slower per step on CPU,
+   so Diff3R is the baseline's snapshot after ``N - n_ft`` steps fine-tuned for the last
+   ``n_ft = finetune_fraction * N`` steps through the layer (encoder + uncertainty head, the
+   head starting at the baseline's chosen constant Lambda); ``diff3r_unroll`` is the same with
+   ``backward="unroll"`` at the same K.
+4. **Baseline's TTO Lambda**: the constant Lambda of ``lambda_grid`` with the best validation
+   PSNR after the test-time TTO (first seed). ``zero_shot_tto_naive`` uses a near-zero Lambda
+   (``NAIVE_LAMBDA``, no proximal term).
+5. **Test-time TTO**: Adam, ``eval_tto_steps`` steps (default 100) for the reported metrics,
+   PSNR also after each count of ``steps_list``; per-group 3DGS rates x ``lr_scale``.
+6. **Statistics**: per-seed values, means over seeds, and a paired bootstrap 95 % interval of
+   ``diff3r_tto - zero_shot_tto`` over target views (:func:`~.stats.paired_bootstrap`).
+7. **Diagnostics**: per training step the inner stationarity and PCG residual; every
+   ``grad_cosine_every`` steps the cosine between the implicit and the unrolled gradient of the
+   same K-step map (:func:`~diff3r_plugin.training.gradient_cosine`); seconds per step and
+   peak memory of the three trainings; the ratio of Lambda outside/inside the context overlap
+   (:func:`~.lambda_overlap.lambda_overlap_ratio`).
+8. **Pose-free**: the NoPoSplat-style built-in model through steps 2-6 with the same ``N``
+   (``pose_free_seeds`` seeds).
+
+Peak memory on CPU is the growth of the process's resident set during one training step,
+sampled every millisecond from ``/proc/self/statm`` (on CUDA: ``max_memory_allocated``); the
+allocator reuses freed memory, so ``saved_for_backward_mb`` (the storages autograd keeps for
+the backward) is reported beside it as an allocator-independent figure.
 """
 
 import argparse
 import copy
 import json
 import math
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .eval_cli import (METHODS, evaluate, load_embedded_examples, load_real_examples,
-                       save_checkpoint, save_grid, save_steps_plot)
+from .eval_cli import (ALL_METHODS, METHODS, NAIVE_LAMBDA, evaluate, load_embedded_examples,
+                       load_real_windows, save_checkpoint, save_grid, save_steps_plot)
 from .metrics import lpips_available
+from .stats import paired_bootstrap
 
-__all__ = ["add_arguments", "run", "run_experiment", "default_data_dir"]
+__all__ = ["add_arguments", "run", "run_experiment", "default_data_dir", "peak_step_memory_mb",
+           "PROTOCOL_METHODS", "saved_tensors_mb"]
+
+PROTOCOL_METHODS = ("zero_shot", "zero_shot_tto", "zero_shot_tto_naive", "diff3r_tto",
+                    "diff3r_no_lambda", "diff3r_unroll")
+POSE_FREE_METHODS = ("zero_shot", "zero_shot_tto", "zero_shot_tto_naive", "diff3r_tto",
+                     "diff3r_no_lambda")
+VALIDATION_OFFSET = 1000  # validation scenes: held-out seeds 10000 + 1000 onward (test: 10000+)
 
 
 def default_data_dir() -> Path | None:
@@ -39,130 +75,89 @@ def default_data_dir() -> Path | None:
     return path if (path / "test").is_dir() else None
 
 
-def _make_models(model: str, image_size: int, seed: int):
+def _make_encoder(model: str, seed: int):
     from ..models import TinyPoseFreeEncoder, TinyPoseGivenEncoder
     torch.manual_seed(seed)
-    enc = TinyPoseFreeEncoder() if model == "pose_free" else TinyPoseGivenEncoder()
-    return enc
+    return TinyPoseFreeEncoder() if model == "pose_free" else TinyPoseGivenEncoder()
 
 
-def run_experiment(*, train_steps: int = 150, image_size: int = 32, scenes: int = 24,
-                   quick: bool = False, data: str | None = "default", out: str | None = None,
-                   tto_steps: int = 5, finetune_fraction: float = 1 / 3, eval_embedded: int = 4,
-                   real_scenes: int | None = None, model: str = "pose_given", seed: int = 0,
-                   lr: float = 2e-3, head_lr: float = 1e-3, constant_lambda: float = 1.0,
-                   lr_scale: float = 4.0, pcg_maxiter: int = 8, precond_probes: int = 1,
-                   steps_list: list[int] | None = None, time_budget_min: float = 22.0,
-                   progress: bool = True) -> dict:
-    from ..training import tto_config, train
+def _make_head(enc, init: float):
     from ..uncertainty import UncertaintyHead
-    from ..data.embedded import EmbeddedDataset
+    return UncertaintyHead(enc.num_features, enc.sh_degree,
+                           1 if getattr(enc, "pose_free", False) else 0, init=init)
 
-    if quick:
-        train_steps, scenes, tto_steps = min(train_steps, 3), min(scenes, 1), min(tto_steps, 2)
-        eval_embedded = min(eval_embedded, 1)
-        real_scenes = 1 if real_scenes is None else min(real_scenes, 1)
-        pcg_maxiter = min(pcg_maxiter, 3)
-        steps_list = [0, tto_steps]
-    steps_list = steps_list or sorted({0, 1, 2, tto_steps, 2 * tto_steps})
-    t_start = time.perf_counter()
-    torch.manual_seed(seed)
-    cfg = tto_config(tto_steps, lr_scale=lr_scale, pcg_maxiter=pcg_maxiter,
-                     constant_lambda=constant_lambda, precond_probes=precond_probes)
-    train_ds = EmbeddedDataset(scenes, image_shape=(image_size, image_size), cache=True)
-    batches = [train_ds[i] for i in range(len(train_ds))]
 
-    n_ft = max(1, int(round(finetune_fraction * train_steps)))
-    n_pre = max(0, train_steps - n_ft)
-    enc = _make_models(model, image_size, seed)
-    budget_s = time_budget_min * 60
-    hist_pre = train(enc, None, batches, n_pre, method="baseline", config=cfg, lr=lr,
-                     progress=progress)
-    snapshot = copy.deepcopy(enc.state_dict())
-    k = n_pre % len(batches)
-    rotated = batches[k:] + batches[:k]
-    hist_base = train(enc, None, rotated, n_ft, method="baseline", config=cfg, lr=lr,
-                      progress=progress)
-    baseline = enc
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    diff_enc = _make_models(model, image_size, seed)
-    diff_enc.load_state_dict(snapshot)
-    head = UncertaintyHead(diff_enc.num_features, diff_enc.sh_degree,
-                           1 if getattr(diff_enc, "pose_free", False) else 0,
-                           init=constant_lambda)
-    remaining = budget_s - (time.perf_counter() - t_start)
-    hist_d = train(diff_enc, head, rotated, n_ft, method="diff3r", config=cfg, lr=lr,
-                   head_lr=head_lr, progress=progress, time_budget_s=max(remaining, 1.0))
-    train_minutes = (time.perf_counter() - t_start) / 60
-    baseline.eval()
-    diff_enc.eval()
-    head.eval()
-    models = {"baseline": (baseline, None), "diff3r": (diff_enc, head)}
 
-    out_dir = Path(out) if out else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"image_size": image_size, "model": model}
-        save_checkpoint(out_dir / "baseline.pt", baseline, None, cfg.to_dict(), **meta)
-        save_checkpoint(out_dir / "diff3r.pt", diff_enc, head, cfg.to_dict(), **meta)
+def peak_step_memory_mb(fn) -> float | None:
+    """Peak memory (MB) that ``fn()`` adds: CUDA peak allocation, else resident-set growth
+    sampled every millisecond (``None`` where ``/proc/self/statm`` does not exist)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if not Path("/proc/self/statm").exists():
+        fn()
+        return None
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
 
-    result: dict = {}
-    files = []
-    data_dir = default_data_dir() if data == "default" else (Path(data) if data else None)
-    real = None
-    if data_dir is not None and (Path(data_dir) / "test").is_dir():
-        examples = load_real_examples(data_dir, None, image_size, real_scenes)
-        real = evaluate(models, examples, cfg, steps_list=steps_list, progress=progress)
-    emb_examples = load_embedded_examples(eval_embedded, image_size)
-    emb = evaluate(models, emb_examples, cfg, steps_list=steps_list, progress=progress)
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
 
-    def table(res):
-        return {m: {k: res["metrics"][m][k] for k in ("psnr", "ssim", "lpips")}
-                for m in METHODS if m in res["metrics"]}
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return (peak[0] - base) / 2**20
 
-    result["real"] = table(real) if real else {}
-    result["embedded"] = table(emb)
-    result["psnr_vs_steps"] = {"real": real["psnr_vs_steps"] if real else {},
-                               "embedded": emb["psnr_vs_steps"]}
-    result["train_minutes"] = train_minutes
-    ok, reason = lpips_available()
-    result["lpips_note"] = None if ok else reason + " (LPIPS reported as null)"
-    result["real_note"] = (f"{len(real['gt'])} scene(s) from {data_dir}, {image_size}x{image_size}"
-                           if real else "no real scenes found (pass --data)")
-    result["per_scene_psnr"] = {
-        "real": {m: real["metrics"][m]["per_scene_psnr"] for m in real["metrics"]} if real else {},
-        "embedded": {m: emb["metrics"][m]["per_scene_psnr"] for m in emb["metrics"]}}
-    result["lambda_mean"] = {"real": real["lambda_mean"] if real else {}, "embedded": emb["lambda_mean"]}
-    d_logs = [l for l in hist_d.logs if "stationarity" in l]
-    result["training"] = {
-        "model": model, "image_size": image_size, "train_scenes": scenes,
-        "outer_steps": {"baseline": n_pre + len(hist_base.losses),
-                        "diff3r": n_pre + len(hist_d.losses), "shared_pretrain": n_pre},
-        "final_loss": {"baseline": _tail(hist_base.losses), "diff3r": _tail(hist_d.losses)},
-        "minutes": {"pretrain": hist_pre.seconds / 60, "baseline_tail": hist_base.seconds / 60,
-                    "diff3r_finetune": hist_d.seconds / 60},
-        "tto": {"steps": cfg.steps, "inner_solver": cfg.inner_solver, "lr_scale": lr_scale,
-                "backward": cfg.backward, "pcg_maxiter": cfg.pcg_maxiter,
-                "constant_lambda": constant_lambda,
-                "mean_inner_stationarity": _mean([l["stationarity"] for l in d_logs]),
-                "note": "implicit gradient is approximate: K Adam steps do not reach a "
-                        "stationary point and PCG is capped"},
-    }
-    result["seed"] = seed
-    if out_dir:
-        if real:
-            save_grid(real, out_dir / "grid_real.png")
-            save_steps_plot(real["psnr_vs_steps"], out_dir / "psnr_vs_steps_real.png", "real RE10K")
-            files += [str(out_dir / "grid_real.png"), str(out_dir / "psnr_vs_steps_real.png")]
-        save_grid(emb, out_dir / "grid_embedded.png")
-        save_steps_plot(emb["psnr_vs_steps"], out_dir / "psnr_vs_steps_embedded.png",
-                        "held-out embedded")
-        files += [str(out_dir / "grid_embedded.png"), str(out_dir / "psnr_vs_steps_embedded.png")]
-        result["files"] = files
-    result["total_minutes"] = (time.perf_counter() - t_start) / 60
-    if out_dir:
-        (out_dir / "experiment.json").write_text(json.dumps(result, indent=2))
-    return result
+
+def saved_tensors_mb(fn) -> float:
+    """MB of the distinct tensor storages autograd saves for the backward while ``fn()`` runs:
+    the graph memory that an unrolled backward grows with K (allocator-independent)."""
+    seen: dict = {}
+
+    def pack(t):
+        try:
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
+def _one_step_memory(enc, head, batch, method, config) -> dict:
+    from ..training import training_step
+    enc, head = copy.deepcopy(enc), copy.deepcopy(head)
+
+    def step():
+        loss, _ = training_step(enc, head, batch, method=method, config=config)
+        loss.backward()
+
+    def forward():
+        training_step(enc, head, batch, method=method, config=config)
+
+    return {"peak_rss_growth": peak_step_memory_mb(step), "saved_for_backward": saved_tensors_mb(forward)}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
+    return float(sum(xs) / len(xs)) if xs else None
 
 
 def _tail(xs, n=10):
@@ -170,33 +165,475 @@ def _tail(xs, n=10):
     return float(sum(xs) / len(xs)) if xs else None
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(sum(xs) / len(xs)) if xs else None
+def _zero_shot_psnr(enc, examples, config) -> float:
+    res = evaluate({"baseline": (enc, None)}, examples, config, methods=("zero_shot",),
+                   steps_list=[0])
+    return res["metrics"]["zero_shot"]["psnr"]
+
+
+def _train_curve(model, seed, batches, val, cfg, *, lr, max_steps, val_every, patience, progress):
+    """Baseline with validation every ``val_every`` steps; returns the curve and snapshots."""
+    from ..training import train
+    enc = _make_encoder(model, seed)
+    curve = {"step": [0], "val_psnr": [_zero_shot_psnr(enc, val, cfg)]}
+    snaps = {0: copy.deepcopy(enc.state_dict())}
+    best = {"psnr": curve["val_psnr"][0], "step": 0, "bad": 0}
+
+    def callback(step, encoder):
+        if step % val_every:
+            return False
+        encoder.eval()
+        psnr = _zero_shot_psnr(encoder, val, cfg)
+        encoder.train()
+        curve["step"].append(step)
+        curve["val_psnr"].append(psnr)
+        snaps[step] = copy.deepcopy(encoder.state_dict())
+        if psnr > best["psnr"]:
+            best.update(psnr=psnr, step=step, bad=0)
+        else:
+            best["bad"] += 1
+        return best["bad"] >= patience
+
+    hist = train(enc, None, batches, max_steps, method="baseline", config=cfg, lr=lr,
+                 progress=progress, step_callback=callback)
+    curve["train_loss"] = hist.losses
+    curve["best_step"] = best["step"]
+    curve["best_val_psnr"] = best["psnr"]
+    curve["stopped_at"] = len(hist.losses)
+    return curve, snaps, hist
+
+
+def _save_curve_png(curve: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    losses = curve["train_loss"]
+    ax.plot(range(1, len(losses) + 1), losses, color="tab:gray", lw=0.8, label="train loss")
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("train loss (MSE)")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(curve["step"], curve["val_psnr"], "o-", color="tab:blue", label="val PSNR")
+    ax2.axvline(curve["best_step"], color="tab:red", ls="--", lw=0.8)
+    ax2.set_ylabel("zero-shot validation PSNR (dB)")
+    ax.set_title(title, fontsize=9)
+    fig.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _choose_lambda(enc, val, cfg, grid, steps_list, progress, batch_size=1):
+    """Constant Lambda of the baseline's TTO with the best validation PSNR after the TTO."""
+    rows = []
+    for lam in grid:
+        res = evaluate({"baseline": (enc, None)}, val, cfg, methods=("zero_shot_tto",),
+                       steps_list=steps_list,
+                       method_overrides={"zero_shot_tto": {"constant_lambda": float(lam)}},
+                       progress=progress, batch_size=batch_size)
+        rows.append({"lambda": float(lam), "val_psnr": res["metrics"]["zero_shot_tto"]["psnr"],
+                     "val_psnr_vs_steps": res["psnr_vs_steps"]["zero_shot_tto"]})
+    best = max(rows, key=lambda r: r["val_psnr"])
+    return best["lambda"], rows
+
+
+def _train_seed(model, seed, batches, cfg, *, n_outer, n_pre, lr, head_lr, head_init, snaps,
+                unroll, grad_cosine_every, progress):
+    """Baseline (N steps), Diff3R and (optionally) Diff3R-unroll fine-tuned from step n_pre."""
+    from ..training import train
+    hist = {}
+    if snaps is not None and n_pre in snaps and n_outer in snaps:
+        base = _make_encoder(model, seed)
+        base.load_state_dict(snaps[n_outer])
+        pre_state = snaps[n_pre]
+        hist["baseline"] = None
+    else:
+        base = _make_encoder(model, seed)
+        train(base, None, batches, n_pre, method="baseline", config=cfg, lr=lr, progress=progress)
+        pre_state = copy.deepcopy(base.state_dict())
+        k = n_pre % len(batches)
+        rotated = batches[k:] + batches[:k]
+        hist["baseline"] = train(base, None, rotated, n_outer - n_pre, method="baseline",
+                                 config=cfg, lr=lr, progress=progress)
+    k = n_pre % len(batches)
+    rotated = batches[k:] + batches[:k]
+    models = {"baseline": (base.eval(), None)}
+    variants = [("diff3r", "implicit")] + ([("diff3r_unroll", "unroll")] if unroll else [])
+    for name, backward in variants:
+        enc = _make_encoder(model, seed)
+        enc.load_state_dict(pre_state)
+        head = _make_head(enc, head_init)
+        hist[name] = train(enc, head, rotated, n_outer - n_pre, method="diff3r",
+                           config=cfg.merge({"backward": backward}), lr=lr, head_lr=head_lr,
+                           progress=progress,
+                           grad_cosine_every=grad_cosine_every if name == "diff3r" else None)
+        head.eval()
+        models[name] = (enc.eval(), head)
+    return models, hist, pre_state
+
+
+def _stack_seeds(per_seed: list, method: str, key: str) -> np.ndarray:
+    return np.array([r["metrics"][method][key] for r in per_seed], dtype=np.float64)
+
+
+def _aggregate(per_seed: list, methods) -> dict:
+    """Means over seeds, per-seed values and the paired interval (``real`` shape)."""
+    out = {}
+    present = [m for m in methods if m in per_seed[0]["metrics"]]
+    for m in present:
+        rows = [r["metrics"][m] for r in per_seed]
+        out[m] = {"psnr": _mean([r["psnr"] for r in rows]), "ssim": _mean([r["ssim"] for r in rows]),
+                  "lpips": _mean([r["lpips"] for r in rows]),
+                  "psnr_per_seed": [r["psnr"] for r in rows],
+                  "ssim_per_seed": [r["ssim"] for r in rows]}
+    paired = {}
+    if "diff3r_tto" in present and "zero_shot_tto" in present:
+        a, b = (_stack_seeds(per_seed, m, "per_view_psnr") for m in ("diff3r_tto", "zero_shot_tto"))
+        paired["diff3r_tto_minus_zero_shot_tto"] = paired_bootstrap(a, b)
+        a, b = (_stack_seeds(per_seed, m, "per_view_ssim") for m in ("diff3r_tto", "zero_shot_tto"))
+        paired["ssim_diff3r_tto_minus_zero_shot_tto"] = paired_bootstrap(a, b)
+    if "diff3r_tto" in present and "zero_shot" in present:
+        a, b = (_stack_seeds(per_seed, m, "per_view_psnr") for m in ("diff3r_tto", "zero_shot"))
+        paired["diff3r_tto_minus_zero_shot"] = paired_bootstrap(a, b)
+    out["paired"] = paired
+    return out
+
+
+def _curves(per_seed: list) -> dict:
+    """PSNR vs TTO steps, mean over seeds, with the step count at which each method peaks."""
+    out = {}
+    for m in per_seed[0]["psnr_vs_steps"]:
+        steps = list(per_seed[0]["psnr_vs_steps"][m])
+        out[m] = {s: _mean([r["psnr_vs_steps"][m][s] for r in per_seed]) for s in steps}
+    peaks = {m: max(c, key=lambda s: -math.inf if c[s] is None else c[s]) for m, c in out.items()}
+    return out, {m: int(s) for m, s in peaks.items()}
+
+
+def _overlap_ratio(per_seed: list):
+    vals = [r["lambda_overlap"].get("diff3r", {}).get("ratio") for r in per_seed]
+    per_seed_vals = [v for v in vals]
+    return {"ratio": _mean(vals), "per_seed": per_seed_vals}
+
+
+def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3, seed: int = 0,
+                   scenes: int = 24, val_scenes: int = 3, eval_embedded: int = 4,
+                   data: str | None = "default", real_scenes: int | None = None,
+                   max_windows: int | None = None, out: str | None = None,
+                   model: str = "pose_given", pose_free: bool = True, pose_free_seeds: int = 1,
+                   max_steps: int = 300, val_every: int = 25, patience: int = 2,
+                   finetune_fraction: float = 1 / 3, tto_steps: int = 10,
+                   eval_tto_steps: int = 100, steps_list: list[int] | None = None,
+                   lambda_grid: tuple = (0.1, 1.0, 10.0), lr: float = 2e-3,
+                   head_lr: float = 1e-3, lr_scale: float = 4.0, pcg_maxiter: int = 8,
+                   precond_probes: int = 1, grad_cosine_every: int = 10, eval_batch: int = 4,
+                   progress: bool = True, train_steps: int | None = None,
+                   window_stride: int = 1,
+                   constant_lambda: float | None = None, **_ignored) -> dict:
+    """Run the protocol of the module docstring; returns the JSON-ready result.
+
+    ``train_steps`` fixes ``N`` (skipping the validation-curve choice); ``constant_lambda``
+    fixes the baseline's TTO Lambda (skipping its validation choice).
+    """
+    from ..data.embedded import EmbeddedDataset
+    from ..training import tto_config
+
+    if quick:
+        image_size, seeds, scenes, val_scenes = min(image_size, 16), min(seeds, 2), 1, 1
+        eval_embedded, real_scenes, max_windows = 1, 1, 2
+        max_steps, val_every, patience = 2, 1, 5
+        tto_steps, eval_tto_steps, pcg_maxiter = 2, 2, 3
+        steps_list, lambda_grid, grad_cosine_every = [0, 1, 2], (0.1, 1.0), 1
+        pose_free_seeds = 1
+        train_steps = None if train_steps is None else min(train_steps, 2)
+    steps_list = sorted(set(steps_list or [0, 10, 30, eval_tto_steps]) | {0, eval_tto_steps})
+    t_start = time.perf_counter()
+    cfg = tto_config(tto_steps, lr_scale=lr_scale, pcg_maxiter=pcg_maxiter,
+                     constant_lambda=1.0, precond_probes=precond_probes)
+    eval_cfg = cfg.merge({"steps": eval_tto_steps})
+    shape = (image_size, image_size)
+    train_ds = EmbeddedDataset(scenes, image_shape=shape, cache=True)
+    batches = [train_ds[i] for i in range(len(train_ds))]
+    val_ds = EmbeddedDataset.held_out(val_scenes, offset=VALIDATION_OFFSET, image_shape=shape)
+    val = [val_ds[i] for i in range(len(val_ds))]
+    emb_examples = load_embedded_examples(eval_embedded, image_size)
+    data_dir = default_data_dir() if data == "default" else (Path(data) if data else None)
+    real_examples = None
+    if data_dir is not None and (Path(data_dir) / "test").is_dir():
+        real_examples = load_real_windows(data_dir, None, image_size, real_scenes,
+                                          stride=window_stride)
+        if max_windows is not None:
+            real_examples = real_examples[:max_windows]
+    out_dir = Path(out) if out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    files, timings = [], {}
+
+    def note(message):
+        # One line per phase on stderr, so that a long run can be followed.
+        print(f"[experiment {(time.perf_counter() - t_start) / 60:6.1f} min] {message}",
+              file=sys.stderr, flush=True)
+
+    # 1. Outer steps from the zero-shot baseline's validation curve (first seed).
+    t = time.perf_counter()
+    if train_steps is None:
+        curve, snaps, hist_curve = _train_curve(model, seed, batches, val, cfg, lr=lr,
+                                                max_steps=max_steps, val_every=val_every,
+                                                patience=patience, progress=progress)
+        n_outer = max(curve["best_step"], val_every)
+    else:
+        curve, snaps, hist_curve, n_outer = None, None, None, int(train_steps)
+    n_ft = max(1, int(round(finetune_fraction * n_outer)))
+    n_pre = max(0, n_outer - n_ft)
+    if snaps is not None:  # snapshot steps are multiples of val_every
+        n_pre = max(s for s in snaps if s <= n_pre)
+        n_ft = n_outer - n_pre
+    timings["curve"] = time.perf_counter() - t
+    note(f"outer steps N = {n_outer} (pretrain {n_pre}, fine-tune {n_ft}); "
+         f"curve {timings['curve']:.0f} s")
+    if out_dir and curve is not None:
+        _save_curve_png(curve, out_dir / "training_curve.png", "zero-shot baseline, first seed")
+        files.append(str(out_dir / "training_curve.png"))
+
+    # 2. The baseline's TTO Lambda, on validation scenes (first seed's baseline).
+    t = time.perf_counter()
+    variants = []
+    if constant_lambda is None:
+        enc0 = _make_encoder(model, seed)
+        if snaps is not None and n_outer in snaps:
+            enc0.load_state_dict(snaps[n_outer])
+        else:
+            from ..training import train
+            train(enc0, None, batches, n_outer, method="baseline", config=cfg, lr=lr,
+                  progress=progress)
+            snaps = {n_outer: copy.deepcopy(enc0.state_dict())}
+        enc0.eval()
+        best_lambda, variants = _choose_lambda(enc0, val, eval_cfg, lambda_grid, [0, eval_tto_steps],
+                                               progress, eval_batch)
+    else:
+        best_lambda = float(constant_lambda)
+    cfg = cfg.merge({"constant_lambda": best_lambda})
+    eval_cfg = eval_cfg.merge({"constant_lambda": best_lambda})
+    timings["lambda_choice"] = time.perf_counter() - t
+    note(f"baseline TTO Lambda = {best_lambda} ({timings['lambda_choice']:.0f} s): {variants}")
+
+    # 3. Per seed: train, save, evaluate.
+    per_seed = {"real": [], "embedded": []}
+    hists, grad_cos, mem = [], [], {}
+    first_eval = {}
+    for k in range(seeds):
+        s = seed + k
+        t = time.perf_counter()
+        models, hist, pre_state = _train_seed(
+            model, s, batches, cfg, n_outer=n_outer, n_pre=n_pre, lr=lr, head_lr=head_lr,
+            head_init=best_lambda, snaps=snaps if k == 0 else None, unroll=True,
+            grad_cosine_every=grad_cosine_every, progress=progress)
+        timings[f"train_seed{s}"] = time.perf_counter() - t
+        hists.append(hist)
+        if k == 0:
+            probe = _make_encoder(model, s)
+            probe.load_state_dict(pre_state)
+            head = _make_head(probe, best_lambda)
+            b0 = batches[0]
+            mem = {"baseline": _one_step_memory(probe, None, b0, "baseline", cfg),
+                   "diff3r": _one_step_memory(probe, head, b0, "diff3r", cfg),
+                   "diff3r_unroll": _one_step_memory(probe, head, b0, "diff3r",
+                                                     cfg.merge({"backward": "unroll"}))}
+        grad_cos += [l["grad_cosine"] for l in hist["diff3r"].logs if "grad_cosine" in l]
+        if out_dir:
+            sd = out_dir / f"seed{s}"
+            sd.mkdir(parents=True, exist_ok=True)
+            meta = {"image_size": image_size, "model": model, "seed": s, "outer_steps": n_outer}
+            save_checkpoint(sd / "baseline.pt", models["baseline"][0], None, eval_cfg.to_dict(), **meta)
+            save_checkpoint(sd / "diff3r.pt", *models["diff3r"], eval_cfg.to_dict(), **meta)
+            save_checkpoint(sd / "diff3r_unroll.pt", *models["diff3r_unroll"], eval_cfg.to_dict(),
+                            **meta)
+        t = time.perf_counter()
+        for split, examples in (("real", real_examples), ("embedded", emb_examples)):
+            if not examples:
+                continue
+            res = evaluate(models, examples, eval_cfg, methods=PROTOCOL_METHODS,
+                           steps_list=steps_list, progress=progress, batch_size=eval_batch,
+                           lambda_overlap=True)
+            per_seed[split].append(res)
+            if k == 0:
+                first_eval[split] = res
+        timings[f"eval_seed{s}"] = time.perf_counter() - t
+        note(f"seed {s}: trained in {timings[f'train_seed{s}']:.0f} s, evaluated in "
+             f"{timings[f'eval_seed{s}']:.0f} s")
+        if out_dir:  # what the seeds so far give, in case a long run is cut short
+            partial = {split: _aggregate(rows, PROTOCOL_METHODS) for split, rows in per_seed.items()
+                       if rows}
+            (out_dir / "partial.json").write_text(json.dumps(
+                {"seeds_done": k + 1, "outer_steps": n_outer, "baseline_tto_lambda": best_lambda,
+                 **partial, "timings_s": timings}, indent=2))
+
+    # 4. The pose-free built-in model through the same protocol (same N, same Lambda grid).
+    pose_free_result = {}
+    if pose_free and model == "pose_given" and real_examples:
+        t = time.perf_counter()
+        pf_real = []
+        pf_lambda, pf_variants = best_lambda, []
+        for k in range(pose_free_seeds):
+            s = seed + k
+            models_pf, hist_pf, _ = _train_seed(
+                "pose_free", s, batches, cfg, n_outer=n_outer, n_pre=n_pre, lr=lr,
+                head_lr=head_lr, head_init=pf_lambda, snaps=None, unroll=False,
+                grad_cosine_every=None, progress=progress)
+            if k == 0 and constant_lambda is None:
+                pf_lambda, pf_variants = _choose_lambda(models_pf["baseline"][0], val, eval_cfg,
+                                                        lambda_grid, [0, eval_tto_steps], progress,
+                                                        eval_batch)
+            pf_cfg = eval_cfg.merge({"constant_lambda": pf_lambda})
+            pf_real.append(evaluate(models_pf, real_examples, pf_cfg, methods=POSE_FREE_METHODS,
+                                    steps_list=steps_list, progress=progress,
+                                    batch_size=eval_batch, lambda_overlap=True))
+        pose_free_result = _aggregate(pf_real, POSE_FREE_METHODS)
+        pf_curves, pf_peaks = _curves(pf_real)
+        pose_free_result["psnr_vs_steps"] = pf_curves
+        pose_free_result["peak_step"] = pf_peaks
+        pose_free_result["seeds"] = pose_free_seeds
+        pose_free_result["baseline_tto_lambda"] = pf_lambda
+        pose_free_result["lambda_variants"] = pf_variants
+        pose_free_result["note"] = ("diff3r_tto's head starts at the pose-given protocol's "
+                                    "chosen Lambda; zero_shot_tto uses the pose-free baseline's")
+        timings["pose_free"] = time.perf_counter() - t
+        note(f"pose-free done in {timings['pose_free']:.0f} s")
+
+    # 5. Aggregate.
+    result: dict = {}
+    for split in ("real", "embedded"):
+        result[split] = _aggregate(per_seed[split], PROTOCOL_METHODS) if per_seed[split] else {}
+    result["pose_free"] = pose_free_result
+    result["psnr_vs_steps"], result["peak_step"] = {}, {}
+    for split in ("real", "embedded"):
+        if per_seed[split]:
+            result["psnr_vs_steps"][split], result["peak_step"][split] = _curves(per_seed[split])
+        else:
+            result["psnr_vs_steps"][split], result["peak_step"][split] = {}, {}
+    if pose_free_result:
+        result["psnr_vs_steps"]["pose_free"] = pose_free_result["psnr_vs_steps"]
+        result["peak_step"]["pose_free"] = pose_free_result["peak_step"]
+    result["lambda_overlap_ratio"] = {
+        split: (_overlap_ratio(per_seed[split])["ratio"] if per_seed[split] else None)
+        for split in ("real", "embedded")}
+    result["lambda_overlap_ratio_per_seed"] = {
+        split: (_overlap_ratio(per_seed[split])["per_seed"] if per_seed[split] else [])
+        for split in ("real", "embedded")}
+    ok, reason = lpips_available()
+    result["lpips_note"] = None if ok else reason + " (LPIPS reported as null)"
+    n_views = len(per_seed["real"][0]["metrics"]["zero_shot"]["per_view_psnr"]) if per_seed["real"] else 0
+    result["real_note"] = (
+        f"{len(real_examples)} context windows (context i, i+3; targets i+1, i+2; {n_views} "
+        f"target views) of the scenes in {data_dir}, {image_size}x{image_size}"
+        if real_examples else "no real scenes found (pass --data)")
+    result["per_scene_psnr"] = {
+        split: {m: per_seed[split][0]["metrics"][m]["per_scene_psnr"]
+                for m in per_seed[split][0]["metrics"]} if per_seed[split] else {}
+        for split in ("real", "embedded")}
+    result["lambda_mean"] = {split: per_seed[split][0]["lambda_mean"] if per_seed[split] else {}
+                             for split in ("real", "embedded")}
+
+    def seconds_per_step(name):
+        vals = [l["step_seconds"] for h in hists if h.get(name) is not None
+                for l in h[name].logs if "step_seconds" in l]
+        if name == "baseline" and hist_curve is not None:
+            vals += [l["step_seconds"] for l in hist_curve.logs if "step_seconds" in l]
+        return float(np.median(vals)) if vals else None
+
+    d_logs = [l for h in hists for l in h["diff3r"].logs]
+    train_minutes = sum(v for key, v in timings.items() if key.startswith(("curve", "train"))) / 60
+    result["train_minutes"] = train_minutes
+    result["training"] = {
+        "model": model, "image_size": image_size, "train_scenes": scenes,
+        "validation_scenes": val_scenes, "seeds": list(range(seed, seed + seeds)),
+        "outer_steps": {"baseline": n_outer, "diff3r": n_outer, "diff3r_unroll": n_outer,
+                        "shared_pretrain": n_pre, "chosen_by": "validation curve"
+                        if curve is not None else "fixed (--train-steps)"},
+        "validation_curve": None if curve is None else {
+            "step": curve["step"], "val_psnr": curve["val_psnr"], "best_step": curve["best_step"],
+            "stopped_at": curve["stopped_at"]},
+        "final_loss": {name: _mean([_tail(h[name].losses) for h in hists if h.get(name)])
+                       for name in ("baseline", "diff3r", "diff3r_unroll")},
+        "seconds_per_step": {name: seconds_per_step(name)
+                             for name in ("baseline", "diff3r", "diff3r_unroll")},
+        "peak_memory_mb": {k: v["peak_rss_growth"] for k, v in mem.items()},
+        "saved_for_backward_mb": {k: v["saved_for_backward"] for k, v in mem.items()},
+        "grad_cosine": {"theta0": _mean([g["theta0"] for g in grad_cos]),
+                        "lambda": _mean([g["lambda"] for g in grad_cos]),
+                        "samples": len(grad_cos), "every": grad_cosine_every},
+        "mean_inner_stationarity": _mean([l.get("stationarity") for l in d_logs]),
+        "mean_pcg_rel_residual": _mean([l.get("pcg_rel_residual") for l in d_logs]),
+        "per_step_first_seed": {  # the layer's diagnostics at every Diff3R training step
+            key: [l.get(key) for l in hists[0]["diff3r"].logs]
+            for key in ("stationarity", "pcg_rel_residual", "pcg_iters", "mse")} if hists else {},
+        "grad_cosine_samples": grad_cos,
+        "baseline_tto_lambda": best_lambda,
+        "lambda_variants": variants,
+        "tto": {"train_steps": cfg.steps, "eval_steps": eval_cfg.steps,
+                "steps_list": steps_list, "inner_solver": cfg.inner_solver,
+                "lr_scale": lr_scale, "backward": cfg.backward, "pcg_maxiter": cfg.pcg_maxiter,
+                "constant_lambda": best_lambda, "naive_lambda": NAIVE_LAMBDA,
+                "mean_inner_stationarity": _mean([l.get("stationarity") for l in d_logs]),
+                "note": "implicit gradient is approximate: K Adam steps do not reach a "
+                        "stationary point and PCG is capped; grad_cosine says how far"},
+        "timings_s": timings,
+    }
+    result["seed"] = seed
+    if out_dir:
+        for split, title in (("real", "real (every window)"), ("embedded", "held-out embedded")):
+            if split in first_eval:
+                save_grid(first_eval[split], out_dir / f"grid_{split}.png")
+                save_steps_plot(result["psnr_vs_steps"][split], out_dir / f"psnr_vs_steps_{split}.png",
+                                f"{title}, mean over seeds")
+                files += [str(out_dir / f"grid_{split}.png"), str(out_dir / f"psnr_vs_steps_{split}.png")]
+        if pose_free_result:
+            save_steps_plot(pose_free_result["psnr_vs_steps"], out_dir / "psnr_vs_steps_pose_free.png",
+                            "pose-free, real")
+            files.append(str(out_dir / "psnr_vs_steps_pose_free.png"))
+        result["files"] = files
+    result["total_minutes"] = (time.perf_counter() - t_start) / 60
+    if out_dir:
+        (out_dir / "experiment.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-steps", type=int, default=150, help="outer steps per model")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--scenes", type=int, default=24, help="embedded training scenes")
-    p.add_argument("--quick", action="store_true", help="tiny CI run (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="tiny CI run (well under a minute)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds")
+    p.add_argument("--seed", type=int, default=0, help="first training seed")
+    p.add_argument("--scenes", type=int, default=24, help="generated embedded training scenes")
+    p.add_argument("--val-scenes", type=int, default=3, help="validation embedded scenes")
+    p.add_argument("--eval-embedded", type=int, default=4, help="held-out embedded test scenes")
     p.add_argument("--data", default="default",
                    help="real scenes (chunk root); default ../shared/data/re10k_demo if present; "
                         "'' to skip")
     p.add_argument("--real-scenes", type=int, default=None)
-    p.add_argument("--eval-embedded", type=int, default=4, help="held-out embedded scenes")
-    p.add_argument("--tto-steps", type=int, default=5)
-    p.add_argument("--finetune-fraction", type=float, default=1 / 3)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--window-stride", type=int, default=1,
+                   help="keep every k-th context window (reduced protocol; default: all)")
     p.add_argument("--model", choices=("pose_given", "pose_free"), default="pose_given")
+    p.add_argument("--no-pose-free", action="store_true", help="skip the pose-free model")
+    p.add_argument("--pose-free-seeds", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=300, help="cap of the validation curve")
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="fix the outer steps instead of choosing them on validation")
+    p.add_argument("--finetune-fraction", type=float, default=1 / 3)
+    p.add_argument("--tto-steps", type=int, default=10, help="K of the training-time layer")
+    p.add_argument("--eval-tto-steps", type=int, default=100, help="test-time TTO steps")
+    p.add_argument("--steps-list", type=str, default=None, help="e.g. 0,10,30,100")
+    p.add_argument("--lambda-grid", type=str, default="0.1,1,10")
+    p.add_argument("--constant-lambda", type=float, default=None,
+                   help="fix the baseline's TTO Lambda instead of choosing it on validation")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--head-lr", type=float, default=1e-3,
-                   help="uncertainty-head learning rate (1e-2 let Lambda drift; see report)")
+    p.add_argument("--head-lr", type=float, default=1e-3)
     p.add_argument("--lr-scale", type=float, default=4.0, help="x 3DGS inner Adam rates")
-    p.add_argument("--constant-lambda", type=float, default=1.0)
     p.add_argument("--pcg-maxiter", type=int, default=8)
-    p.add_argument("--time-budget-min", type=float, default=22.0,
-                   help="stop Diff3R fine-tuning when the run reaches this many minutes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-cosine-every", type=int, default=10)
+    p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--out", default=None, help="directory for checkpoints, PNGs and JSON")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -204,11 +641,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     data = args.data if args.data != "" else None
+    steps_list = [int(s) for s in args.steps_list.split(",")] if args.steps_list else None
     return run_experiment(
-        train_steps=args.train_steps, image_size=args.image_size, scenes=args.scenes,
-        quick=args.quick, data=data, out=args.out, tto_steps=args.tto_steps,
-        finetune_fraction=args.finetune_fraction, eval_embedded=args.eval_embedded,
-        real_scenes=args.real_scenes, model=args.model, seed=args.seed, lr=args.lr,
-        head_lr=args.head_lr, constant_lambda=args.constant_lambda, lr_scale=args.lr_scale,
-        pcg_maxiter=args.pcg_maxiter, time_budget_min=args.time_budget_min,
+        quick=args.quick, image_size=args.image_size, seeds=args.seeds, seed=args.seed,
+        scenes=args.scenes, val_scenes=args.val_scenes, eval_embedded=args.eval_embedded,
+        data=data, real_scenes=args.real_scenes, max_windows=args.max_windows, out=args.out,
+        model=args.model, pose_free=not args.no_pose_free, pose_free_seeds=args.pose_free_seeds,
+        max_steps=args.max_steps, val_every=args.val_every, patience=args.patience,
+        train_steps=args.train_steps, finetune_fraction=args.finetune_fraction,
+        tto_steps=args.tto_steps, eval_tto_steps=args.eval_tto_steps, steps_list=steps_list,
+        lambda_grid=tuple(float(x) for x in args.lambda_grid.split(",")),
+        constant_lambda=args.constant_lambda, lr=args.lr, head_lr=args.head_lr,
+        lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
+        grad_cosine_every=args.grad_cosine_every, eval_batch=args.eval_batch,
+        window_stride=args.window_stride,
         progress=not args.no_progress)

@@ -2,41 +2,180 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+import torch
+
 from diff3r_plugin.evaluation.experiment import default_data_dir, run_experiment
+
+METHODS = {"zero_shot", "zero_shot_tto", "diff3r_tto", "diff3r_no_lambda"}
+PROTOCOL = METHODS | {"zero_shot_tto_naive", "diff3r_unroll"}
 
 
 def _finite(x):
-    return x is None or (isinstance(x, float) and math.isfinite(x))
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _check_table(table, methods, seeds):
+    assert methods <= set(table)
+    for m in methods:
+        d = table[m]
+        assert _finite(d["psnr"]) and _finite(d["ssim"]) and (d["lpips"] is None or _finite(d["lpips"]))
+        assert len(d["psnr_per_seed"]) == seeds
+        assert d["psnr"] == pytest.approx(sum(d["psnr_per_seed"]) / seeds)
+    paired = table["paired"]["diff3r_tto_minus_zero_shot_tto"]
+    low, high = paired["ci95"]
+    assert low <= paired["mean"] <= high and len(paired["per_seed"]) == seeds
+    # The paired mean is the difference of the two methods' means (same views, same seeds).
+    diff = table["diff3r_tto"]["psnr"] - table["zero_shot_tto"]["psnr"]
+    assert paired["mean"] == pytest.approx(diff, abs=1e-6)
 
 
 def test_quick_experiment_end_to_end(tmp_path):
-    res = run_experiment(quick=True, image_size=32, out=str(tmp_path), progress=False,
-                         data="default")
-    assert set(["real", "embedded", "psnr_vs_steps", "train_minutes"]) <= set(res)
-    methods = {"zero_shot", "zero_shot_tto", "diff3r_tto", "diff3r_no_lambda"}
-    assert set(res["embedded"]) == methods
+    res = run_experiment(quick=True, out=str(tmp_path), progress=False, data="default")
+    seeds = len(res["training"]["seeds"])
+    assert seeds >= 2
+    assert {"real", "embedded", "psnr_vs_steps", "train_minutes", "total_minutes", "pose_free",
+            "lambda_overlap_ratio", "training"} <= set(res)
+    _check_table(res["embedded"], PROTOCOL, seeds)
     if default_data_dir() is not None:
-        assert set(res["real"]) == methods
+        _check_table(res["real"], PROTOCOL, seeds)
+        _check_table(res["pose_free"], METHODS | {"zero_shot_tto_naive"}, 1)
+        assert "real" in res["lambda_overlap_ratio"]
+        assert res["real_note"].startswith("2 context windows")
     for split in ("real", "embedded"):
-        for m, d in res[split].items():
-            assert set(d) == {"psnr", "ssim", "lpips"}
-            assert math.isfinite(d["psnr"]) and math.isfinite(d["ssim"]) and _finite(d["lpips"])
-    for curve in res["psnr_vs_steps"]["embedded"].values():
-        assert all(math.isfinite(v) for v in curve.values())
-    assert math.isfinite(res["train_minutes"])
+        for m, curve in res["psnr_vs_steps"][split].items():
+            assert set(curve) == {"0", "1", "2"} and all(_finite(v) for v in curve.values())
+            assert str(res["peak_step"][split][m]) in curve
+    tr = res["training"]
+    for key in ("seconds_per_step", "peak_memory_mb"):
+        assert set(tr[key]) == {"baseline", "diff3r", "diff3r_unroll"}
+    assert all(v > 0 for v in tr["seconds_per_step"].values())
+    assert tr["grad_cosine"]["samples"] > 0
+    for key in ("theta0", "lambda"):
+        assert -1.0 <= tr["grad_cosine"][key] <= 1.0
+    assert tr["saved_for_backward_mb"]["diff3r_unroll"] > tr["saved_for_backward_mb"]["baseline"]
+    assert tr["baseline_tto_lambda"] in {v["lambda"] for v in tr["lambda_variants"]}
+    assert tr["validation_curve"]["best_step"] in tr["validation_curve"]["step"]
+    assert _finite(res["total_minutes"]) and res["total_minutes"] > 0
+    names = {Path(f).name for f in res["files"]}
+    assert {"training_curve.png", "grid_embedded.png", "psnr_vs_steps_embedded.png"} <= names
     for f in res["files"]:
         assert Path(f).is_file() and Path(f).stat().st_size > 0 and f.endswith(".png")
     saved = json.loads((tmp_path / "experiment.json").read_text())
     assert saved["embedded"].keys() == res["embedded"].keys()
-    assert (tmp_path / "baseline.pt").is_file() and (tmp_path / "diff3r.pt").is_file()
+    for k in range(seeds):
+        assert (tmp_path / f"seed{k}" / "baseline.pt").is_file()
+        assert (tmp_path / f"seed{k}" / "diff3r.pt").is_file()
 
-    # The saved checkpoints drive `diff3r eval` (embedded held-out scenes, one scene).
+    # The saved checkpoints drive `diff3r eval` with every context window and the interval.
     from diff3r_plugin.cli import main
     out = tmp_path / "eval"
-    assert main(["eval", "--baseline", str(tmp_path / "baseline.pt"), "--diff3r",
-                 str(tmp_path / "diff3r.pt"), "--scenes", "1", "--steps", "1",
-                 "--steps-list", "0,1", "--out", str(out), "--json"]) == 0
+    args = ["eval", "--baseline", str(tmp_path / "seed0" / "baseline.pt"), "--diff3r",
+            str(tmp_path / "seed0" / "diff3r.pt"), "--scenes", "1", "--steps", "1",
+            "--steps-list", "0,1", "--out", str(out), "--json"]
+    if default_data_dir() is not None:
+        args += ["--data", str(default_data_dir()), "--max-windows", "2"]
+    assert main(args) == 0
     ev = json.loads((out / "eval.json").read_text())
-    assert {"zero_shot", "zero_shot_tto", "diff3r_tto", "diff3r_no_lambda"} <= set(ev)
-    assert math.isfinite(ev["diff3r_tto"]["psnr"])
+    assert METHODS <= set(ev)
+    assert _finite(ev["diff3r_tto"]["psnr"])
+    assert "diff3r_tto_minus_zero_shot_tto" in ev["paired"]
     assert (out / "grid.png").is_file() and (out / "psnr_vs_steps.png").is_file()
+
+
+def test_gradient_cosine_matches_direct_unrolled_computation():
+    """The logged cosines are cos(implicit, unrolled) of the same K-step map, with both
+    gradients computed here directly by autograd through the layer."""
+    import torch.nn.functional as F
+
+    from diff3r_plugin.data.embedded import EmbeddedDataset
+    from diff3r_plugin.gaussians.layout import GaussianParams
+    from diff3r_plugin.layer import diff3r_layer
+    from diff3r_plugin.models import TinyPoseGivenEncoder
+    from diff3r_plugin.training import forward_model, gradient_cosine, tto_config
+    from diff3r_plugin.render.api import render_params
+    from diff3r_plugin.uncertainty import UncertaintyHead
+
+    torch.manual_seed(0)
+    batch = EmbeddedDataset(1, image_shape=(12, 12), num_views=4)[0]
+    enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
+    head = UncertaintyHead(enc.num_features, enc.sh_degree, 0, init=0.5)
+    cfg = tto_config(3, pcg_maxiter=20, precond_probes=1)
+
+    cos = gradient_cosine(enc, head, batch, config=cfg)
+    with torch.no_grad():
+        base = forward_model(enc, head, batch, tto=False, config=cfg)
+    layout = base.theta0.layout
+    tgt = batch["target"]
+    grads = {}
+    for backward in ("implicit", "unroll"):
+        t0 = base.theta0.flatten().clone().requires_grad_(True)
+        lam = base.lam.clone().requires_grad_(True)
+        theta, _ = diff3r_layer(t0, lam, base.views, layout, cfg.merge({"backward": backward}))
+        color = render_params(GaussianParams.unflatten(theta, layout), tgt["extrinsics"],
+                              tgt["intrinsics"], tgt["near"], tgt["far"], (12, 12),
+                              apply_pose=False, sh_basis=base.views.sh_basis).color
+        grads[backward] = torch.autograd.grad(F.mse_loss(color, tgt["image"]), (t0, lam))
+    for i, key in enumerate(("theta0", "lambda")):
+        a, b = grads["implicit"][i].flatten(), grads["unroll"][i].flatten()
+        assert float(b.norm()) > 0
+        direct = float(a @ b / (a.norm() * b.norm()))
+        assert cos[key] == pytest.approx(direct, abs=1e-5)
+        assert -1.0 <= cos[key] <= 1.0
+    # A 3-step map is far from stationary: the two gradients differ, so the cosine says so.
+    assert cos["theta0"] < 0.9999
+    assert cos["stationarity"] is not None and cos["stationarity"] > 0
+
+
+def test_every_context_window_of_the_real_scenes():
+    from diff3r_plugin.data.chunks import ChunkDataset
+    from diff3r_plugin.evaluation.eval_cli import load_real_windows
+
+    root = default_data_dir()
+    if root is None:
+        pytest.skip("../shared/data/re10k_demo is not present")
+    windows = load_real_windows(root, image_size=16)
+    ds = ChunkDataset(root, "test")
+    counts = {}
+    for ex in windows:
+        counts[ex["scene"]] = counts.get(ex["scene"], 0) + 1
+        i = ex["window"]
+        assert ex["context"]["index"][0].tolist() == [i, i + 3]
+        assert ex["target"]["index"][0].tolist() == [i + 1, i + 2]
+        assert ex["context"]["image"].shape == (1, 2, 3, 16, 16)
+    assert counts == {key: ds[key].num_views - 3 for key in counts}
+    assert len(counts) == 3 and len(windows) == sum(counts.values())
+    strided = load_real_windows(root, image_size=16, stride=3)
+    assert [(e["scene"], e["window"]) for e in strided] == \
+        [(e["scene"], e["window"]) for e in windows if e["window"] % 3 == 0]
+
+
+def test_batched_evaluation_equals_one_example_at_a_time():
+    """Scenes solved in one layer call keep their own TTO: the same metrics as one by one."""
+    from diff3r_plugin.data.embedded import EmbeddedDataset
+    from diff3r_plugin.evaluation.eval_cli import evaluate
+    from diff3r_plugin.models import TinyPoseGivenEncoder
+    from diff3r_plugin.training import tto_config
+    from diff3r_plugin.uncertainty import UncertaintyHead
+
+    torch.manual_seed(0)
+    ds = EmbeddedDataset.held_out(2, image_shape=(12, 12), num_views=4)
+    examples = [ds[0], ds[1]]
+    enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
+    head = UncertaintyHead(enc.num_features, enc.sh_degree, 0, init=0.5).eval()
+    models = {"baseline": (enc, None), "diff3r": (enc, head)}
+    cfg = tto_config(2, pcg_maxiter=3)
+    kw = dict(methods=("zero_shot_tto", "zero_shot_tto_naive", "diff3r_tto"), steps_list=[0, 1, 2],
+              lambda_overlap=True)
+    one = evaluate(models, examples, cfg, batch_size=1, **kw)
+    two = evaluate(models, examples, cfg, batch_size=2, **kw)
+    for m in kw["methods"]:
+        assert len(two["metrics"][m]["per_view_psnr"]) == 2 * len(examples)
+        assert two["metrics"][m]["per_view_psnr"] == pytest.approx(
+            one["metrics"][m]["per_view_psnr"], abs=2e-3)
+        assert two["psnr_vs_steps"][m] == pytest.approx(one["psnr_vs_steps"][m], abs=2e-3)
+    # Naive TTO uses the near-zero Lambda, so it differs from the constant-Lambda TTO.
+    assert one["lambda_mean"]["zero_shot_tto_naive"] == pytest.approx(1e-4)
+    assert one["metrics"]["zero_shot_tto_naive"]["per_view_psnr"] != \
+        one["metrics"]["zero_shot_tto"]["per_view_psnr"]
+    assert len(one["lambda_overlap"]["diff3r"]["per_example"]) == len(examples)
