@@ -300,7 +300,7 @@ def _aggregate(per_seed: list, methods) -> dict:
     return out
 
 
-def _curves(per_seed: list) -> dict:
+def _curves(per_seed: list) -> tuple[dict, dict]:
     """PSNR vs TTO steps, mean over seeds, with the step count at which each method peaks."""
     out = {}
     for m in per_seed[0]["psnr_vs_steps"]:
@@ -312,8 +312,7 @@ def _curves(per_seed: list) -> dict:
 
 def _overlap_ratio(per_seed: list):
     vals = [r["lambda_overlap"].get("diff3r", {}).get("ratio") for r in per_seed]
-    per_seed_vals = [v for v in vals]
-    return {"ratio": _mean(vals), "per_seed": per_seed_vals}
+    return {"ratio": _mean(vals), "per_seed": vals}
 
 
 def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3, seed: int = 0,

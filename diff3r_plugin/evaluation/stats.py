@@ -21,8 +21,8 @@ PairedSummary = dict
 
 
 def paired_bootstrap(
-    a: Float[np.ndarray, "seed view"] | Sequence[Sequence[float]],
-    b: Float[np.ndarray, "seed view"] | Sequence[Sequence[float]],
+    a: Float[np.ndarray, "seed view"] | Float[np.ndarray, "view"] | Sequence,
+    b: Float[np.ndarray, "seed view"] | Float[np.ndarray, "view"] | Sequence,
     *,
     resamples: int = 10_000,
     level: float = 0.95,
@@ -31,7 +31,7 @@ def paired_bootstrap(
     """Mean, bootstrap interval and per-seed means of ``a − b``.
 
     ``a`` and ``b`` hold one row per training seed and one column per target view (the same
-    views in the same order in both). Returns ``{"mean", "ci95": [low, high], "per_seed",
+    views in the same order in both); a 1-D array is one seed. Returns ``{"mean", "ci95": [low, high], "per_seed",
     "num_views", "num_seeds"}``; ``ci95`` is the ``level`` percentile interval.
     """
     a = np.asarray(a, dtype=np.float64)

@@ -45,5 +45,11 @@ def test_ratio_is_none_without_one_of_the_sets():
     means = torch.tensor([[0.5, 0.0, 2.0], [0.2, 0.1, 3.0]])
     out = lambda_overlap_ratio(torch.ones(2), means, c2w, k)
     assert out["ratio"] is None and out["num_one_view"] == 0
+
+
+@pytest.mark.user_errors
+def test_lambda_rows_must_match_the_gaussians():
+    c2w, k = _cameras()
+    means = torch.tensor([[0.5, 0.0, 2.0], [0.2, 0.1, 3.0]])
     with pytest.raises(ValueError, match="Λ rows"):
         lambda_overlap_ratio(torch.ones(3), means, c2w, k)

@@ -37,6 +37,7 @@ def test_seeds_are_averaged_per_view_and_reported_each():
     assert out["num_seeds"] == 2 and out["num_views"] == 3
 
 
+@pytest.mark.user_errors
 @pytest.mark.parametrize("a, b, phrase", [
     (np.zeros((1, 3)), np.zeros((1, 4)), "equal"),
     (np.zeros((1, 0)), np.zeros((1, 0)), "at least one"),
