@@ -36,3 +36,17 @@ def _shape_checks(request):
     jaxtyping.config.update("jaxtyping_disable", before or user_errors)
     yield
     jaxtyping.config.update("jaxtyping_disable", before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: intra-op threads only add
+    contention on a shared CPU (10-40x slower). The reduction order of these tests is then
+    fixed; the ``OMP_NUM_THREADS=1`` rerun in ``.ci/run`` varies it for the others."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
