@@ -91,7 +91,7 @@ class _Sparse(_Products):
                 jacobian = SparseJacobian.build(src, objective.layout, objective.views, plan, sqrt_w)
         self.jacobian = jacobian
         self.residual_shape = tuple(jacobian.residual.shape)
-        self._blocks: Tensor | None = None
+        self._blocks: list[tuple[Tensor, Tensor]] | None = None
 
     def jvp(self, p):
         return self.jacobian.jvp(p)
@@ -102,17 +102,21 @@ class _Sparse(_Products):
     def curvature(self, p):
         return self.jacobian.gauss_newton(p)
 
-    def blocks(self) -> Tensor:
-        """Exact per-Gaussian blocks of ``J^T W J`` (built once)."""
+    def blocks(self) -> list[tuple[Tensor, Tensor]]:
+        """Exact per-Gaussian blocks of ``J^T W J`` over the Jacobian's block partition, as
+        ``(blocks [b, G, k, k], slots [G, k])`` pairs (built once)."""
         if self._blocks is None:
             with torch.no_grad():
-                self._blocks = self.jacobian.block_diagonal()
+                jac = self.jacobian
+                self._blocks = [(jac.block_diagonal(cols), jac.slots.index_select(1, cols))
+                                for cols in jac.block_partition()]
         return self._blocks
 
     def jtj_diag(self, probes=0, generator=None):
-        """The exact ``diag(J^T W J)``, read off the blocks when they exist (no probes)."""
+        """The exact ``diag(J^T W J)`` (no probes), read off the blocks when they cover every slot."""
         with torch.no_grad():
-            return self.jacobian.diagonal(blocks=self._blocks)
+            whole = self._blocks is not None and len(self._blocks) == 1
+            return self.jacobian.diagonal(blocks=self._blocks[0][0] if whole else None)
 
 
 class _Autodiff(_Products):
@@ -259,7 +263,7 @@ class HessianOperator:
         if self._data_diag is None:
             with part("linearize"):
                 if self.precond == "block_jacobi":
-                    self.products.blocks()  # the Gaussians' diagonal entries are read off them
+                    self.products.blocks()  # first: with one block part the diagonal is read off it
                 self._data_diag = self.products.jtj_diag(self.precond_probes, self.generator).detach()
         return self._data_diag
 
@@ -285,8 +289,8 @@ class HessianOperator:
                 blocks = None
                 if self.precond == "block_jacobi":
                     def blocks():
-                        slots = self.jacobian.slots
-                        return (self.products.blocks() + torch.diag_embed(self._shift[:, slots]), slots)
+                        return [(blk + torch.diag_embed(self._shift[:, slots]), slots)
+                                for blk, slots in self.products.blocks()]
                 self._precond = build_preconditioner(self.precond, self.diagonal, blocks)
             self._precond_built = True
         return self._precond

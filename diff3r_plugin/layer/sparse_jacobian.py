@@ -30,12 +30,30 @@ import torch
 from torch import Tensor
 
 from ..gaussians.layout import GaussianLayout, GaussianParams
+from ..render import native
 from ..render.api import pose_adjusted_extrinsics
 from ..render.common import ALPHA_MAX, _broadcast_background, project
 from ..render.torch_backend import PairPlan, _pair_power, pair_transmittance
 from .views import ContextViews
 
 NUM_FEATURES = 9  # mean2d (2), conic (3), opacity (1), colour (3)
+
+
+def _compiled(*tensors: Tensor):
+    """The compiled pair kernels (:mod:`..render.native`) when these tensors may use them.
+
+    Only for values: where a product must stay on an autograd graph (the unrolled LM's
+    differentiable linearization), in forward mode or off the CPU, the PyTorch path runs.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if len({t.dtype for t in tensors}) > 1:
+        return None
+    return native.usable(*tensors)
+
+
+def _index(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous()
 
 
 def gaussian_slots(layout: GaussianLayout, device=None) -> Tensor:
@@ -62,6 +80,111 @@ def _features(theta: Tensor, layout: GaussianLayout, views: ContextViews):
     return feats, proj
 
 
+def _geometry_slots(layout: GaussianLayout) -> int:
+    """How many leading slots of a Gaussian (means, log-scales, quaternions) move its
+    projection; the rest (opacity logit, SH) only change its opacity and colour."""
+    g = max(layout.num_gaussians, 1)
+    return sum(layout.group_numel(k) // g for k in ("means", "log_scales", "quats") if k in layout.slices)
+
+
+@dataclass
+class Appearance:
+    """The appearance columns of ``F`` in factored form (see :func:`_appearance`)."""
+
+    opacity: Tensor  # [N] do/dl
+    color: Tensor  # [N, 3, d_sh] dc_k/dsh_kj = Y_j(d) [c_k > 0], j over the DC and the higher coefficients
+
+    def columns(self) -> Tensor:
+        """The dense columns ``[N, 9, 1 + 3 d_sh]`` in slot order (opacity, DC x 3, rest by channel)."""
+        n, _, d_sh = self.color.shape
+        cols = self.color.new_zeros(n, NUM_FEATURES, 1 + 3 + 3 * (d_sh - 1))
+        cols[:, 5, 0] = self.opacity
+        for c in range(3):
+            cols[:, 6 + c, 1 + c] = self.color[:, c, 0]
+            lo = 4 + c * (d_sh - 1)
+            cols[:, 6 + c, lo:lo + d_sh - 1] = self.color[:, c, 1:]
+        return cols
+
+    def tangent(self, pa: Tensor) -> Tensor:
+        """Feature tangents ``[N, 9]`` of the appearance slots ``pa`` ``[N, 1 + 3 d_sh]``."""
+        n, _, d_sh = self.color.shape
+        sh = torch.cat([pa[:, 1:4, None], pa[:, 4:].reshape(n, 3, d_sh - 1)], 2)
+        q = pa.new_zeros(n, NUM_FEATURES)
+        return torch.cat([q[:, :5], (self.opacity * pa[:, 0])[:, None], (self.color * sh).sum(2)], 1)
+
+    def cotangent(self, ct: Tensor) -> Tensor:
+        """``F_app^T ct`` per row: ``[N, 1 + 3 d_sh]`` in slot order."""
+        n, _, d_sh = self.color.shape
+        sh = self.color * ct[:, 6:9, None]
+        return torch.cat([(self.opacity * ct[:, 5])[:, None], sh[:, :, 0], sh[:, :, 1:].reshape(n, -1)], 1)
+
+
+def _appearance(theta: Tensor, layout: GaussianLayout, views: ContextViews, feats: Tensor) -> Appearance:
+    """The columns of ``F`` for the opacity logit and the SH coefficients.
+
+    With ``o = sigmoid(l)`` and colour ``c_k = max(0, sum_j sh_kj Y_j(d) + 0.5)`` per channel
+    (``d`` the unit direction from the camera centre; coefficients above the rendered degree
+    have ``Y = 0``)::
+
+        do / dl = o (1 - o),    dc_k / dsh_kj = Y_j(d) [c_k > 0]
+
+    Each is one feature of one Gaussian, so forward mode (one pass per slot through the
+    projection) is replaced by these products (for degree-3 SH, 49 passes fewer), and the
+    products with ``F`` use them in this factored form.
+    """
+    from ..geometry.sh import C0, MAX_RENDER_DEGREE, degree_from_coeffs, sh_basis_values
+
+    params = GaussianParams.unflatten(theta, layout)
+    b, g = params.means.shape[:2]
+    v = views.num_views
+    n = b * v * g
+    o = params.opacities()
+    d_sh = params.sh_rest.shape[-1] + 1
+    lit = (feats[:, 6:9] > 0).detach().to(feats.dtype)  # where the colour is not clamped at 0
+    degree = min(degree_from_coeffs(d_sh), MAX_RENDER_DEGREE)
+    if degree > 0:
+        extr = pose_adjusted_extrinsics(params, views.extrinsics)
+        dirs = params.means[:, None] - extr[..., :3, 3][:, :, None]
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        basis = sh_basis_values(dirs, degree, views.sh_basis).reshape(n, -1)  # [N, (degree + 1)^2]
+    else:
+        basis = feats.new_full((n, 1), C0)
+    if basis.shape[1] < d_sh:
+        basis = torch.cat([basis, basis.new_zeros(n, d_sh - basis.shape[1])], 1)
+    return Appearance((o * (1 - o))[:, None].expand(b, v, g).reshape(n), lit[:, :, None] * basis[:, None, :])
+
+
+def _pair_factors_torch(feats: Tensor, bg: Tensor, plan: PairPlan, pixels_per_view: int, dtype):
+    """``g_alpha [P, 3], d_alpha [P, 6], weight [P]`` of every pair and the composited colour
+    ``[num_pixels, 3]`` (differentiable; the compiled ``pj_build`` does the same in one pass)."""
+    pg = feats.index_select(0, plan.gaussian)
+    dx = pg[:, 0] - plan.px
+    dy = pg[:, 1] - plan.py
+    ca, cb, cc = pg[:, 2], pg[:, 3], pg[:, 4]
+    gauss = torch.exp(_pair_power(pg[:, 0], pg[:, 1], ca, cb, cc, plan.px, plan.py))
+    raw = pg[:, 5] * gauss
+    alpha = torch.clamp_max(raw, ALPHA_MAX)
+    free = (raw <= ALPHA_MAX).to(dtype)
+    trans, keep = pair_transmittance(alpha, plan.seg_start)
+    weight = alpha * trans * keep
+    pix_view = torch.div(plan.pixel, pixels_per_view, rounding_mode="floor")
+    cd = pg[:, 6:9] - bg.index_select(0, pix_view)
+    wc = (weight[:, None] * cd).double()
+    total = torch.zeros(plan.num_pixels, 3, dtype=wc.dtype, device=feats.device).index_add(0, plan.pixel, wc)
+    inc = torch.cumsum(wc, 0)
+    start = inc.index_select(0, plan.seg_start) - wc.index_select(0, plan.seg_start)
+    behind = (total.index_select(0, plan.pixel) - (inc - start)).to(dtype)
+    g_alpha = (keep * trans)[:, None] * cd - behind / (1 - alpha)[:, None]
+    da = (free * alpha)[:, None] * torch.stack(
+        [-(ca * dx + cb * dy), -(cc * dy + cb * dx), -0.5 * dx * dx, -dx * dy, -0.5 * dy * dy], 1)
+    d_alpha = torch.cat([da, (free * gauss)[:, None]], 1)
+    # The composite of the pairs: the render at theta, whose residual the products linearize.
+    color = bg.index_select(0, torch.div(torch.arange(plan.num_pixels, device=feats.device), pixels_per_view,
+                                          rounding_mode="floor"))
+    color = color.index_add(0, plan.pixel, weight[:, None] * cd)
+    return g_alpha, d_alpha, weight, color
+
+
 @dataclass
 class SparseJacobian:
     """``J`` of the flat residuals ``[b, m]`` (``m = v * 3 * h * w``) at one ``theta``."""
@@ -77,6 +200,9 @@ class SparseJacobian:
     weight: Tensor  # [P] w_i = k_i alpha_i T_i
     sqrt_w: Tensor | None  # [num_pixels, 3] or None
     residual: Tensor  # [b, m] weighted residual at theta
+    geo_jac: Tensor | None = None  # [N, 9, n_geo]: the geometry columns of feat_jac
+    appearance: Appearance | None = None  # the other columns, factored (products use these)
+    _moments: tuple | None = None  # (chunk, feature_moments) once computed
 
     # -- construction ------------------------------------------------------------------
 
@@ -90,8 +216,9 @@ class SparseJacobian:
         slots = gaussian_slots(layout, device)
         feats, proj = _features(theta, layout, views)
 
-        # F: one JVP of the projection per parameter slot (a slot of all Gaussians at once),
-        # the slots batched through one vmap.
+        # F: one JVP of the projection per geometry slot (a slot of all Gaussians at once; the
+        # blocks do not overlap), the slots batched through one vmap; the appearance columns in
+        # closed form.
         def feat_fn(t):
             return _features(t, layout, views)[0]
 
@@ -103,8 +230,11 @@ class SparseJacobian:
             return out.movedim(0, -1)
 
         n_i = slots.shape[1]
-        feat_jac = (columns([slots[:, s] for s in range(n_i)]) if n_i
-                    else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0))
+        n_geo = _geometry_slots(layout)
+        geo = (columns([slots[:, s] for s in range(n_geo)]) if n_geo
+               else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0))
+        app = _appearance(theta, layout, views, feats) if n_i > n_geo else None
+        feat_jac = torch.cat([geo, app.columns()], 2) if app is not None else geo
         pose_jac = None
         p_views = layout.num_pose_views
         if p_views > 0:
@@ -113,32 +243,13 @@ class SparseJacobian:
 
         # L: closed-form derivatives of the compositing of every pair.
         bg = _broadcast_background(views.background, b, v, theta).reshape(b * v, 3)
-        pg = feats.index_select(0, plan.gaussian)
-        dx = pg[:, 0] - plan.px
-        dy = pg[:, 1] - plan.py
-        ca, cb, cc = pg[:, 2], pg[:, 3], pg[:, 4]
-        gauss = torch.exp(_pair_power(pg[:, 0], pg[:, 1], ca, cb, cc, plan.px, plan.py))
-        raw = pg[:, 5] * gauss
-        alpha = torch.clamp_max(raw, ALPHA_MAX)
-        free = (raw <= ALPHA_MAX).to(dtype)
-        trans, keep = pair_transmittance(alpha, plan.seg_start)
-        weight = alpha * trans * keep
-        pix_view = torch.div(plan.pixel, h * w, rounding_mode="floor")
-        cd = pg[:, 6:9] - bg.index_select(0, pix_view)
-        wc = (weight[:, None] * cd).double()
-        total = torch.zeros(plan.num_pixels, 3, dtype=wc.dtype, device=device).index_add(0, plan.pixel, wc)
-        inc = torch.cumsum(wc, 0)
-        start = inc.index_select(0, plan.seg_start) - wc.index_select(0, plan.seg_start)
-        behind = (total.index_select(0, plan.pixel) - (inc - start)).to(dtype)
-        g_alpha = (keep * trans)[:, None] * cd - behind / (1 - alpha)[:, None]
-        da = (free * alpha)[:, None] * torch.stack(
-            [-(ca * dx + cb * dy), -(cc * dy + cb * dx), -0.5 * dx * dx, -dx * dy, -0.5 * dy * dy], 1)
-        d_alpha = torch.cat([da, (free * gauss)[:, None]], 1)
-
-        # Residual at theta (the same render as the composite of the pairs).
-        color = bg.index_select(0, torch.div(torch.arange(plan.num_pixels, device=device), h * w,
-                                              rounding_mode="floor"))
-        color = color.index_add(0, plan.pixel, weight[:, None] * cd)
+        mod = _compiled(feats, bg)
+        if mod is not None:
+            g_alpha, d_alpha, weight, color = mod.pj_build(
+                feats.contiguous(), _index(plan.gaussian), _index(plan.pixel), plan.px.contiguous(),
+                plan.py.contiguous(), bg.contiguous(), h * w, plan.num_pixels)
+        else:
+            g_alpha, d_alpha, weight, color = _pair_factors_torch(feats, bg, plan, h * w, dtype)
         sw = None
         if sqrt_w is not None:
             sw = sqrt_w.expand(b, v, 3, h, w).permute(0, 1, 3, 4, 2).reshape(-1, 3)
@@ -147,7 +258,8 @@ class SparseJacobian:
         if sw is not None:
             res = res * sw
         residual = res.reshape(b, v, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b, -1)
-        return cls(layout, views, plan, slots, feat_jac, pose_jac, g_alpha, d_alpha, weight, sw, residual)
+        return cls(layout, views, plan, slots, feat_jac, pose_jac, g_alpha, d_alpha, weight, sw, residual,
+                   geo.contiguous(), app)
 
     # -- products ----------------------------------------------------------------------
 
@@ -171,7 +283,11 @@ class SparseJacobian:
         g = self.layout.num_gaussians
         pg = p[:, self.slots]  # [b, G, n_i]
         pg = pg[:, None].expand(b, v, g, pg.shape[-1]).reshape(b * v * g, -1)
-        q = torch.einsum("nfs,ns->nf", self.feat_jac, pg)
+        if self.appearance is None:
+            q = torch.einsum("nfs,ns->nf", self.feat_jac, pg)
+        else:
+            n_geo = self.geo_jac.shape[2]
+            q = torch.einsum("nfs,ns->nf", self.geo_jac, pg[:, :n_geo]) + self.appearance.tangent(pg[:, n_geo:])
         if self.pose_jac is not None:
             pp = torch.zeros(b, v, 6, dtype=p.dtype, device=p.device)
             npv = self.layout.num_pose_views
@@ -180,11 +296,21 @@ class SparseJacobian:
             q = q + torch.einsum("nfs,ns->nf", self.pose_jac, pp)
         return q
 
+    def _pair_tensors(self) -> tuple[Tensor, ...]:
+        return self.g_alpha.contiguous(), self.d_alpha.contiguous(), self.weight.contiguous()
+
     def jvp(self, p: Tensor) -> Tensor:
         """``W^1/2 J p`` as ``[b, m]``."""
-        q = self.feature_tangent(p).index_select(0, self.plan.gaussian)
-        val = self.g_alpha * (self.d_alpha * q[:, :6]).sum(1, keepdim=True) + self.weight[:, None] * q[:, 6:]
-        img = torch.zeros(self.plan.num_pixels, 3, dtype=p.dtype, device=p.device).index_add(0, self.plan.pixel, val)
+        q = self.feature_tangent(p)
+        mod = _compiled(q, *self._pair_tensors())
+        if mod is not None:
+            img = mod.pj_jvp(q.contiguous(), _index(self.plan.gaussian), _index(self.plan.pixel),
+                             *self._pair_tensors(), self.plan.num_pixels)
+        else:
+            q = q.index_select(0, self.plan.gaussian)
+            val = self.g_alpha * (self.d_alpha * q[:, :6]).sum(1, keepdim=True) + self.weight[:, None] * q[:, 6:]
+            img = torch.zeros(self.plan.num_pixels, 3, dtype=p.dtype, device=p.device).index_add(
+                0, self.plan.pixel, val)
         if self.sqrt_w is not None:
             img = img * self.sqrt_w
         return self._from_pixels(img)
@@ -196,14 +322,30 @@ class SparseJacobian:
         up = self._to_pixels(u)
         if self.sqrt_w is not None:
             up = up * self.sqrt_w
-        up = up.index_select(0, self.plan.pixel)
-        s = (self.g_alpha * up).sum(1, keepdim=True)
-        ct_pair = torch.cat([self.d_alpha * s, self.weight[:, None] * up], 1)
-        ct = torch.zeros(b * v * g, NUM_FEATURES, dtype=u.dtype, device=u.device).index_add(
-            0, self.plan.gaussian, ct_pair)
-        per_slot = torch.einsum("nfs,nf->ns", self.feat_jac, ct).reshape(b, v, g, -1).sum(1)
+        mod = _compiled(up, *self._pair_tensors())
+        if mod is not None:
+            ct = mod.pj_vjp(up.contiguous(), _index(self.plan.gaussian), _index(self.plan.pixel),
+                            *self._pair_tensors(), b * v * g)
+        else:
+            up = up.index_select(0, self.plan.pixel)
+            s = (self.g_alpha * up).sum(1, keepdim=True)
+            ct_pair = torch.cat([self.d_alpha * s, self.weight[:, None] * up], 1)
+            ct = torch.zeros(b * v * g, NUM_FEATURES, dtype=u.dtype, device=u.device).index_add(
+                0, self.plan.gaussian, ct_pair)
+        return self.parameter_cotangent(ct)
+
+    def parameter_cotangent(self, ct: Tensor) -> Tensor:
+        """``F^T ct`` summed over views: the ``[b, n]`` cotangent of the parameters from the
+        ``[N, 9]`` cotangents of the projected features."""
+        b, v = self._shape[:2]
+        g = self.layout.num_gaussians
+        if self.appearance is None:
+            per_row = torch.einsum("nfs,nf->ns", self.feat_jac, ct)
+        else:
+            per_row = torch.cat([torch.einsum("nfs,nf->ns", self.geo_jac, ct), self.appearance.cotangent(ct)], 1)
+        per_slot = per_row.reshape(b, v, g, -1).sum(1)
         start = self.layout.slices["pose"].start
-        out = torch.zeros(b, start, dtype=u.dtype, device=u.device)
+        out = torch.zeros(b, start, dtype=ct.dtype, device=ct.device)
         out = out.index_copy(1, self.slots.reshape(-1), per_slot.reshape(b, -1))
         if self.pose_jac is not None:
             npv = self.layout.num_pose_views
@@ -212,7 +354,16 @@ class SparseJacobian:
         return out
 
     def gauss_newton(self, p: Tensor) -> Tensor:
-        return self.vjp(self.jvp(p))
+        """``J^T W J p`` (the compiled path fuses the two passes over the pairs)."""
+        q = self.feature_tangent(p)
+        mod = _compiled(q, *self._pair_tensors())
+        if mod is None:
+            return self.vjp(self.jvp(p))
+        wsq = None if self.sqrt_w is None else (self.sqrt_w * self.sqrt_w).contiguous()
+        b, v = self._shape[:2]
+        ct = mod.pj_gauss_newton(q.contiguous(), _index(self.plan.gaussian), _index(self.plan.pixel),
+                                 *self._pair_tensors(), wsq, b * v * self.layout.num_gaussians)
+        return self.parameter_cotangent(ct)
 
     # -- exact diagonal and per-Gaussian blocks -----------------------------------------
 
@@ -247,7 +398,20 @@ class SparseJacobian:
         which is formed from per-pair vectors by broadcasting (many tiny 9 x 3 matrix
         products are several times slower on a CPU).
         """
+        if self._moments is not None and self._moments[0] == chunk:
+            return self._moments[1]
+        self._moments = (chunk, self._feature_moments(chunk))
+        return self._moments[1]
+
+    def _feature_moments(self, chunk: int) -> Tensor:
         n = self.feat_jac.shape[0]
+        extra = () if self.sqrt_w is None else (self.sqrt_w,)
+        mod = _compiled(*self._pair_tensors(), *extra)
+        if mod is not None:
+            flat = mod.pj_moments(_index(self.plan.gaussian), _index(self.plan.pixel), *self._pair_tensors(),
+                                  None if self.sqrt_w is None else self.sqrt_w.contiguous(), n)
+            dd, dq, ww = flat[:, :36].reshape(n, 6, 6), flat[:, 36:54].reshape(n, 6, 3), flat[:, 54:]
+            return self._assemble_moments(dd, dq, ww)
         dd = self.g_alpha.new_zeros(n, 6, 6)
         dq = self.g_alpha.new_zeros(n, 6, 3)
         ww = self.g_alpha.new_zeros(n, 3)
@@ -265,25 +429,50 @@ class SparseJacobian:
             dd = dd.index_add(0, gauss, (norm[:, None] * d)[:, :, None] * d[:, None, :])
             dq = dq.index_add(0, gauss, d[:, :, None] * (ws * g)[:, None, :])
             ww = ww.index_add(0, gauss, ws * ws)
+        return self._assemble_moments(dd, dq, ww)
+
+    @staticmethod
+    def _assemble_moments(dd: Tensor, dq: Tensor, ww: Tensor) -> Tensor:
         top = torch.cat([dd, dq], 2)
         bottom = torch.cat([dq.transpose(1, 2), torch.diag_embed(ww)], 2)
         return torch.cat([top, bottom], 1)
 
-    def block_diagonal(self, chunk: int = 1 << 17) -> Tensor:
-        """Exact per-Gaussian blocks of ``J^T W J``: ``[b, G, n_i, n_i]``."""
+    def block_partition(self) -> list[Tensor]:
+        """The sets of a Gaussian's slots (indices into ``slots``' columns) whose blocks the
+        block-Jacobi preconditioner inverts exactly.
+
+        One block of the geometry, the opacity and the DC colour (all that a Gaussian has at SH
+        degree 0: the whole block), and one per colour channel of the higher SH coefficients.
+        The channels' coefficients share no feature (``dc_k / dsh_jl = 0`` for ``j != k``), so
+        only the couplings of the higher coefficients with the geometry are left out, and the
+        Cholesky factors of three 15 x 15 and one 14 x 14 block (degree 3) cost a fifteenth of
+        one 59 x 59 block's.
+        """
+        n_i = self.slots.shape[1]
+        n_main = min(n_i, _geometry_slots(self.layout) + 4)  # + opacity + DC (3)
+        d_rest = (n_i - n_main) // 3
+        parts = [torch.arange(n_main, device=self.slots.device)]
+        if d_rest > 0:
+            parts += [n_main + c * d_rest + torch.arange(d_rest, device=self.slots.device) for c in range(3)]
+        return parts
+
+    def block_diagonal(self, cols: Tensor | None = None, chunk: int = 1 << 17) -> Tensor:
+        """Exact per-Gaussian blocks of ``J^T W J`` over the slot columns ``cols`` (default:
+        all): ``[b, G, k, k]``."""
         b, v = self._shape[:2]
         g = self.layout.num_gaussians
-        n_i = self.slots.shape[1]
+        f = self.feat_jac if cols is None else self.feat_jac.index_select(2, cols)
+        k = f.shape[2]
         m = self.feature_moments(chunk)
-        fm = torch.einsum("nfs,nfg->nsg", self.feat_jac, m)
-        blocks = torch.einsum("nsg,ngt->nst", fm, self.feat_jac)
-        return blocks.reshape(b, v, g, n_i, n_i).sum(1)
+        fm = torch.einsum("nfs,nfg->nsg", f, m)
+        blocks = torch.einsum("nsg,ngt->nst", fm, f)
+        return blocks.reshape(b, v, g, k, k).sum(1)
 
     def diagonal(self, chunk: int = 1 << 17, blocks: Tensor | None = None) -> Tensor:
         """Exact ``diag(J^T W J)`` as ``[b, n]``.
 
-        ``blocks``: the output of :meth:`block_diagonal`, when already at hand; the Gaussian
-        entries are then read off its diagonals instead of another pass over the pairs.
+        ``blocks``: the output of :meth:`block_diagonal` over all slots, when already at hand;
+        the Gaussian entries are then read off its diagonals.
         """
         b, v, h, w = self._shape
         g = self.layout.num_gaussians

@@ -11,6 +11,11 @@ passes, gathers and scatters over the (pixel, Gaussian) pairs, plus the sort of 
   ``dL/dalpha_i = T_i g_i - (sum_{k>i} w_k g_k) / (1 - alpha_i)`` with ``g_k`` the output
   gradient dotted with pair ``k``'s features).
 
+``csrc/pair_jacobian.cpp`` holds the kernels of the layer's explicit Jacobian
+(:mod:`diff3r_plugin.layer.sparse_jacobian`): the per-pair factors at a linearization point, the
+products ``J p``, ``J^T u`` and ``J^T W J p`` (one fused pass) and the per-Gaussian moments of the
+block preconditioner.
+
 The compiled derivative is first order. Everything else falls back to the pure-PyTorch
 composite, which supports any order and forward mode: a backward that builds a graph
 (``create_graph=True``: Hessian-vector products, the unrolled reference) recomputes the
@@ -31,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("csrc") / "raster.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("raster.cpp", "pair_jacobian.cpp")]
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -51,7 +56,7 @@ def _load():
             try:
                 from torch.utils.cpp_extension import load
 
-                _module = load(name="diff3r_raster", sources=[str(_SOURCE)],
+                _module = load(name="diff3r_raster", sources=[str(s) for s in _SOURCES],
                                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
             except Exception as exc:  # no compiler, no headers, a failed build: fall back
                 _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

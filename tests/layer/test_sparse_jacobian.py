@@ -1,6 +1,6 @@
 """The explicit factored Jacobian (``diff3r_plugin.layer.sparse_jacobian``) against autodiff
-through the renderer and against an explicitly assembled Jacobian; the block-Jacobi
-preconditioner; the LM solver that uses them."""
+through the renderer and against an explicitly assembled Jacobian; its compiled kernels against
+its PyTorch path; the block-Jacobi preconditioner; the LM solver that uses them."""
 
 import pytest
 import torch
@@ -13,7 +13,8 @@ from diff3r_plugin.errors import ConfigError
 from diff3r_plugin.layer import HessianOperator
 from diff3r_plugin.layer.inner import lm_solve
 from diff3r_plugin.layer.preconditioners import block_preconditioner
-from diff3r_plugin.layer.sparse_jacobian import gaussian_slots
+from diff3r_plugin.layer.sparse_jacobian import SparseJacobian, gaussian_slots
+from diff3r_plugin.render import native
 from diff3r_plugin.render.api import render_params
 
 F64 = torch.float64
@@ -21,7 +22,7 @@ BG = (0.2, 0.3, 0.4)
 
 
 def problem(gaussians=40, size=14, views=2, batch=2, sh_degree=1, pose_views=1, robust="huber",
-            dtype=F64, seed=3):
+            dtype=F64, seed=3, sh_basis="e3nn"):
     sc = make_scene(gaussians, size, views, seed=seed, batch=batch, dtype=dtype, sh_degree=sh_degree,
                     num_pose_views=pose_views)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -29,8 +30,9 @@ def problem(gaussians=40, size=14, views=2, batch=2, sh_degree=1, pose_views=1, 
     bg = torch.tensor(BG, dtype=dtype)
     with torch.no_grad():
         images = render_params(true, sc.extrinsics, sc.intrinsics, sc.near, sc.far, sc.image_shape,
-                               background_color=bg).color
-    views_ = ContextViews(images, sc.extrinsics, sc.intrinsics, sc.near, sc.far, background=bg)
+                               background_color=bg, sh_basis=sh_basis).color
+    views_ = ContextViews(images, sc.extrinsics, sc.intrinsics, sc.near, sc.far, background=bg,
+                          sh_basis=sh_basis)
     layout = sc.params.layout
     theta = sc.params.flatten()
     if pose_views:
@@ -55,10 +57,12 @@ def explicit_jacobian(mv: HessianOperator, n: int, b: int) -> torch.Tensor:
     return torch.stack([mv.jvp(eye[k].expand(b, n).contiguous(), idx) for k in range(n)], -1)
 
 
-@pytest.mark.parametrize("sh_degree,pose_views,robust", [(1, 1, "huber"), (0, 0, "none"), (2, 2, "none")])
-def test_products_match_autodiff_through_the_renderer(sh_degree, pose_views, robust):
+@pytest.mark.parametrize("sh_degree,pose_views,robust,sh_basis", [
+    (1, 1, "huber", "e3nn"), (0, 0, "none", "e3nn"), (2, 2, "none", "e3nn"),
+    (3, 0, "none", "e3nn"), (3, 1, "huber", "3dgs")])
+def test_products_match_autodiff_through_the_renderer(sh_degree, pose_views, robust, sh_basis):
     obj, layout, theta = problem(sh_degree=sh_degree, pose_views=pose_views, robust=robust,
-                                 views=3 if pose_views == 2 else 2)
+                                 views=3 if pose_views == 2 else 2, sh_basis=sh_basis)
     b = theta.shape[0]
     idx = torch.arange(b)
     lam = torch.ones_like(theta)
@@ -95,6 +99,26 @@ def test_diagonal_and_blocks_are_exact():
     assert float((from_blocks - diag).abs().max() / diag.abs().max()) < 1e-12
 
 
+def test_block_partition_blocks_are_the_exact_sub_blocks():
+    """With higher SH, the preconditioner's blocks (geometry + opacity + DC, then one per colour
+    channel of the higher coefficients) are the matching sub-blocks of the assembled J^T J."""
+    obj, layout, theta = problem(gaussians=8, size=10, sh_degree=2, pose_views=0, robust="none")
+    b, n = theta.shape
+    lam = torch.ones_like(theta)
+    j = explicit_jacobian(autodiff(obj, theta, lam), n, b)
+    jtj = j.transpose(1, 2) @ j
+    sparse = sparse_op(obj, theta, lam)
+    parts = sparse.jacobian.block_partition()
+    assert [len(c) for c in parts] == [14, 8, 8, 8]
+    covered = torch.cat(parts).sort().values
+    assert torch.equal(covered, torch.arange(sparse.jacobian.slots.shape[1]))
+    for blocks, slots in sparse.products.blocks():
+        ref = jtj[:, slots[:, :, None], slots[:, None, :]]
+        assert float((blocks - ref).abs().max() / ref.abs().max()) < 1e-12
+    diag = torch.diagonal(jtj, dim1=1, dim2=2)
+    assert float((sparse.data_diagonal() - diag).abs().max() / diag.abs().max()) < 1e-12
+
+
 def test_a_subset_of_scenes_gives_the_rows_of_the_full_batch():
     obj, layout, theta = problem(batch=3, pose_views=0, sh_degree=0, robust="none")
     lam = torch.ones_like(theta)
@@ -113,7 +137,7 @@ def test_block_jacobi_preconditioner_applies_the_inverse_blocks():
     slots = torch.arange(g * k).reshape(g, k)
     n = g * k + 4  # four entries outside the blocks (like the pose group) use the diagonal
     diag = torch.rand(b, n, generator=gen, dtype=F64) + 1
-    apply = block_preconditioner(blocks, diag, slots)
+    apply = block_preconditioner([(blocks, slots)], diag)
     r = torch.randn(b, n, generator=gen, dtype=F64)
     z = apply(r, torch.arange(b))
     ref_blocks = torch.linalg.solve(blocks, r[:, slots][..., None])[..., 0]
@@ -123,7 +147,7 @@ def test_block_jacobi_preconditioner_applies_the_inverse_blocks():
     # A block that is not positive definite falls back to its diagonal instead of failing.
     bad = blocks.clone()
     bad[0, 0] = -torch.eye(k, dtype=F64)
-    z_bad = block_preconditioner(bad, diag, slots)(r, torch.arange(b))
+    z_bad = block_preconditioner([(bad, slots)], diag)(r, torch.arange(b))
     assert torch.isfinite(z_bad).all()
 
 
@@ -227,3 +251,88 @@ def test_one_jacobian_per_linearization_point(solver, monkeypatch):
     else:
         assert forward == 0 and len(builds) == 1
     assert bool(info.pcg_converged.all()) and torch.isfinite(theta0.grad).all()
+
+
+# -- the compiled pair kernels (render/csrc/pair_jacobian.cpp) ----------------------------
+_native = native.native_status()
+needs_native = pytest.mark.skipif(not _native["available"],
+                                  reason=f"compiled kernels unavailable: {_native['reason']}")
+
+
+def _count_compiled(monkeypatch) -> list:
+    """Record, for every pair-Jacobian step, whether the compiled kernels served it."""
+    from diff3r_plugin.layer import sparse_jacobian
+
+    served, compiled = [], sparse_jacobian._compiled
+
+    def counting(*tensors):
+        mod = compiled(*tensors)
+        served.append(mod is not None)
+        return mod
+
+    monkeypatch.setattr(sparse_jacobian, "_compiled", counting)
+    return served
+
+
+def _build(obj, layout, theta, compiled: bool, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(native, "usable", lambda *tensors: None)
+    sqrt_w = obj.pixel_weights(theta)
+    jac = SparseJacobian.build(theta, layout, obj.views, obj.make_plan(theta), sqrt_w)
+    monkeypatch.undo()
+    return jac
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("robust,pose_views", [("huber", 1), ("none", 0)])
+def test_compiled_kernels_equal_the_pytorch_path(dtype, tol, robust, pose_views, monkeypatch):
+    obj, layout, theta = problem(gaussians=60, size=16, sh_degree=1, pose_views=pose_views, robust=robust,
+                                 dtype=dtype)
+    fast = _build(obj, layout, theta, True, monkeypatch)
+    ref = _build(obj, layout, theta, False, monkeypatch)
+    assert ref.plan.num_pairs > 500
+
+    def close(a, b, name):
+        scale = float(b.abs().max())
+        assert scale > 0, name
+        assert float((a - b).abs().max()) <= tol * scale, name
+
+    for name in ("g_alpha", "d_alpha", "weight", "residual"):
+        close(getattr(fast, name), getattr(ref, name), name)
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(theta.shape, generator=gen, dtype=dtype)
+    u = torch.randn(ref.residual.shape, generator=gen, dtype=dtype)
+    # Products of the compiled build through the compiled kernels against everything in PyTorch.
+    served = _count_compiled(monkeypatch)
+    out_fast = (fast.jvp(p), fast.vjp(u), fast.gauss_newton(p), fast.block_diagonal(), fast.diagonal())
+    assert len(served) >= 4 and all(served)  # jvp, vjp, the fused J^T W J p, the moments
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "usable", lambda *tensors: None)
+    out_ref = (ref.jvp(p), ref.vjp(u), ref.gauss_newton(p), ref.block_diagonal(), ref.diagonal())
+    for name, a, b in zip(("jvp", "vjp", "gauss_newton", "blocks", "diagonal"), out_fast, out_ref):
+        close(a, b, name)
+
+
+@needs_native
+def test_products_on_a_graph_stay_differentiable(monkeypatch):
+    """With the linearization point on a graph (the unrolled LM), the products take the PyTorch
+    path and their derivative with respect to theta is that of the PyTorch path."""
+    obj, layout, theta = problem(gaussians=30, size=12, sh_degree=0, pose_views=0, robust="none")
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
+
+    def grad_of_product(disable: bool):
+        if disable:
+            monkeypatch.setattr(native, "usable", lambda *tensors: None)
+        t = theta.clone().requires_grad_(True)
+        served = _count_compiled(monkeypatch)
+        jac = SparseJacobian.build(t, layout, obj.views, obj.make_plan(t.detach()), None)
+        g = torch.autograd.grad(jac.gauss_newton(p).square().sum(), t)[0]
+        monkeypatch.undo()
+        return g, served
+
+    (a, served), (b, _) = grad_of_product(False), grad_of_product(True)
+    assert served and not any(served)  # nothing on the graph went through the value-only kernels
+    assert float(b.abs().max()) > 0
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))

@@ -1,0 +1,345 @@
+// CPU kernels of the layer's explicit sparse Jacobian (diff3r_plugin/layer/sparse_jacobian.py).
+//
+// With the pair list frozen, a pixel's colour C = bg + sum_i w_i (c_i - bg), w_i = alpha_i T_i,
+// depends on Gaussian i only through its projected features f_i = [mx, my, a, b, c, o, r, g, b]
+// (rows of N x 9). Per pair the Jacobian row block is
+//   dC/df = [ g_alpha d_alpha^T | w I ],
+//   g_alpha = dC/dalpha = T (c - bg) - S / (1 - alpha),  S = sum_{j behind} w_j (c_j - bg),
+//   d_alpha = dalpha/d(mx, my, a, b, c, o)  (zero where alpha is clamped at 0.99),
+// and the products J p / J^T u are one pass over the pairs. Pairs are sorted by pixel, so the
+// pixel-side sums need no atomics; the Gaussian-side sums are gathered per Gaussian row.
+// Same arithmetic as the PyTorch path in sparse_jacobian.py (which stays the path of derivatives
+// of these products, of forward mode and of tensors off the CPU).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr double kAlphaMax = 0.99;
+constexpr double kTMin = 1e-4;
+constexpr int kF = 9;  // features per (view, Gaussian)
+
+constexpr int64_t kGrain = 1 << 14;  // pairs per parallel task
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+}
+
+// Moves a chunk boundary of the pair range to the start of a pixel's list, so that parallel
+// chunks own whole pixels (both neighbours of a boundary move it to the same place).
+inline int64_t pixel_aligned(const int64_t* pix, int64_t k, int64_t n) {
+  while (k > 0 && k < n && pix[k] == pix[k - 1]) ++k;
+  return k;
+}
+
+// Runs body(lo, hi, slot) over the pairs in parallel; slot indexes a per-thread buffer.
+template <typename F>
+void parallel_pairs(int64_t n, const int64_t* pix, bool align, F body) {
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    if (align) {
+      lo = pixel_aligned(pix, lo, n);
+      hi = pixel_aligned(pix, hi, n);
+    }
+    if (lo < hi) body(lo, hi, at::get_thread_num());
+  });
+}
+
+// The per-thread buffers of a Gaussian-side sum, summed: [rows, cols].
+torch::Tensor per_thread_buffers(int64_t rows, int64_t cols, const torch::TensorOptions& options) {
+  return torch::zeros({at::get_num_threads(), rows, cols}, options);
+}
+
+// Per-pair factors at one linearization point, and the composited colour.
+template <typename T>
+std::vector<torch::Tensor> build_impl(const torch::Tensor& feats, const torch::Tensor& gid,
+                                      const torch::Tensor& pixel, const torch::Tensor& px,
+                                      const torch::Tensor& py, const torch::Tensor& bg,
+                                      int64_t pixels_per_view, int64_t num_pixels) {
+  const T* f = feats.data_ptr<T>();
+  const int64_t* g = gid.data_ptr<int64_t>();
+  const int64_t* pix = pixel.data_ptr<int64_t>();
+  const T* xs = px.data_ptr<T>();
+  const T* ys = py.data_ptr<T>();
+  const T* bgp = bg.data_ptr<T>();  // [views, 3]
+  const int64_t n = gid.numel();
+  auto g_alpha = torch::zeros({n, 3}, feats.options());
+  auto d_alpha = torch::zeros({n, 6}, feats.options());
+  auto weight = torch::zeros({n}, feats.options());
+  auto color = torch::empty({num_pixels, 3}, feats.options());
+  T* ga = g_alpha.data_ptr<T>();
+  T* da = d_alpha.data_ptr<T>();
+  T* wt = weight.data_ptr<T>();
+  T* col = color.data_ptr<T>();
+  for (int64_t q = 0; q < num_pixels; ++q) {
+    const T* b = bgp + 3 * (q / pixels_per_view);
+    col[3 * q] = b[0]; col[3 * q + 1] = b[1]; col[3 * q + 2] = b[2];
+  }
+  const T amax = T(kAlphaMax), tmin = T(kTMin);
+  parallel_pairs(n, pix, true, [&](int64_t lo, int64_t hi, int) {
+  std::vector<double> trans, alphas;
+  int64_t i = lo;
+  while (i < hi) {
+    const int64_t q = pix[i];
+    int64_t end = i;
+    while (end < hi && pix[end] == q) ++end;
+    const T* b = bgp + 3 * (q / pixels_per_view);
+    trans.clear(); alphas.clear();
+    double td = 1.0;
+    double total[3] = {0, 0, 0};
+    for (int64_t k = i; k < end; ++k) {
+      const T* a = f + kF * g[k];
+      const T dx = a[0] - xs[k], dy = a[1] - ys[k];
+      const T e = std::exp(T(-0.5) * (a[2] * dx * dx + a[4] * dy * dy) - a[3] * dx * dy);
+      const T raw = a[5] * e;
+      const T alpha = std::min(raw, amax);
+      const T t = T(td);
+      if (!(t * (T(1) - alpha) >= tmin)) break;  // keep is a prefix of the pixel's list
+      const T w = alpha * t;
+      wt[k] = w;
+      for (int c = 0; c < 3; ++c) total[c] += double(w * (a[6 + c] - b[c]));
+      const T fa = raw <= amax ? alpha : T(0);
+      T* d = da + 6 * k;
+      d[0] = fa * -(a[2] * dx + a[3] * dy);
+      d[1] = fa * -(a[4] * dy + a[3] * dx);
+      d[2] = fa * T(-0.5) * dx * dx;
+      d[3] = fa * -(dx * dy);
+      d[4] = fa * T(-0.5) * dy * dy;
+      d[5] = raw <= amax ? e : T(0);
+      trans.push_back(double(t));
+      alphas.push_back(double(alpha));
+      td *= 1.0 - double(alpha);
+    }
+    for (int c = 0; c < 3; ++c) col[3 * q + c] = T(double(b[c]) + total[c]);
+    // Back to front: S_i = sum of w_j (c_j - bg) over the kept pairs behind i.
+    double s[3] = {0, 0, 0};
+    for (int64_t j = static_cast<int64_t>(trans.size()) - 1; j >= 0; --j) {
+      const int64_t k = i + j;
+      const T* a = f + kF * g[k];
+      for (int c = 0; c < 3; ++c) {
+        const double cd = double(a[6 + c] - b[c]);
+        ga[3 * k + c] = T(trans[j] * cd - s[c] / (1.0 - alphas[j]));
+        s[c] += double(wt[k]) * cd;
+      }
+    }
+    i = end;
+  }
+  });
+  return {g_alpha, d_alpha, weight, color};
+}
+
+// J p at the pixels: img[pixel] += g_alpha (d_alpha . q[:6]) + w q[6:], q the feature tangents.
+template <typename T>
+torch::Tensor jvp_impl(const torch::Tensor& q, const torch::Tensor& gid, const torch::Tensor& pixel,
+                       const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
+                       const torch::Tensor& weight, int64_t num_pixels) {
+  const T* qt = q.data_ptr<T>();
+  const int64_t* g = gid.data_ptr<int64_t>();
+  const int64_t* pix = pixel.data_ptr<int64_t>();
+  const T* ga = g_alpha.data_ptr<T>();
+  const T* da = d_alpha.data_ptr<T>();
+  const T* wt = weight.data_ptr<T>();
+  const int64_t n = gid.numel();
+  auto img = torch::zeros({num_pixels, 3}, q.options());
+  T* out = img.data_ptr<T>();
+  parallel_pairs(n, pix, true, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const T w = wt[k];
+      const T* d = da + 6 * k;
+      if (w == T(0) && ga[3 * k] == T(0) && ga[3 * k + 1] == T(0) && ga[3 * k + 2] == T(0)) continue;
+      const T* a = qt + kF * g[k];
+      const T s = d[0] * a[0] + d[1] * a[1] + d[2] * a[2] + d[3] * a[3] + d[4] * a[4] + d[5] * a[5];
+      T* o = out + 3 * pix[k];
+      for (int c = 0; c < 3; ++c) o[c] += ga[3 * k + c] * s + w * a[6 + c];
+    }
+  });
+  return img;
+}
+
+// J^T u at the features: ct[gid] += [d_alpha (g_alpha . u[pixel]), w u[pixel]].
+template <typename T>
+torch::Tensor vjp_impl(const torch::Tensor& u, const torch::Tensor& gid, const torch::Tensor& pixel,
+                       const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
+                       const torch::Tensor& weight, int64_t num_rows) {
+  const T* up = u.data_ptr<T>();
+  const int64_t* g = gid.data_ptr<int64_t>();
+  const int64_t* pix = pixel.data_ptr<int64_t>();
+  const T* ga = g_alpha.data_ptr<T>();
+  const T* da = d_alpha.data_ptr<T>();
+  const T* wt = weight.data_ptr<T>();
+  const int64_t n = gid.numel();
+  auto buf = per_thread_buffers(num_rows, kF, u.options());
+  T* base = buf.data_ptr<T>();
+  parallel_pairs(n, pix, false, [&](int64_t lo, int64_t hi, int slot) {
+    T* out = base + slot * num_rows * kF;
+    for (int64_t k = lo; k < hi; ++k) {
+      const T w = wt[k];
+      const T* gk = ga + 3 * k;
+      if (w == T(0) && gk[0] == T(0) && gk[1] == T(0) && gk[2] == T(0)) continue;
+      const T* v = up + 3 * pix[k];
+      const T s = gk[0] * v[0] + gk[1] * v[1] + gk[2] * v[2];
+      const T* d = da + 6 * k;
+      T* o = out + kF * g[k];
+      for (int j = 0; j < 6; ++j) o[j] += d[j] * s;
+      for (int c = 0; c < 3; ++c) o[6 + c] += w * v[c];
+    }
+  });
+  return buf.size(0) == 1 ? buf[0] : buf.sum(0);
+}
+
+// J^T W J p in one pass: per pixel, its value u = W (J p)[pixel] from its pairs, then the pairs'
+// cotangents from u while they are in cache (the two products' passes over the pairs, fused).
+template <typename T>
+torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const torch::Tensor& pixel,
+                      const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
+                      const torch::Tensor& weight, const torch::Tensor* wsq, int64_t num_rows) {
+  const T* qt = q.data_ptr<T>();
+  const int64_t* g = gid.data_ptr<int64_t>();
+  const int64_t* pix = pixel.data_ptr<int64_t>();
+  const T* ga = g_alpha.data_ptr<T>();
+  const T* da = d_alpha.data_ptr<T>();
+  const T* wt = weight.data_ptr<T>();
+  const T* ws = wsq ? wsq->data_ptr<T>() : nullptr;
+  const int64_t n = gid.numel();
+  auto buf = per_thread_buffers(num_rows, kF, q.options());
+  T* base = buf.data_ptr<T>();
+  parallel_pairs(n, pix, true, [&](int64_t lo, int64_t hi, int slot) {
+    T* out = base + slot * num_rows * kF;
+    int64_t i = lo;
+    while (i < hi) {
+      const int64_t px = pix[i];
+      int64_t end = i;
+      while (end < hi && pix[end] == px) ++end;
+      T u[3] = {0, 0, 0};
+      for (int64_t k = i; k < end; ++k) {
+        const T* a = qt + kF * g[k];
+        const T* d = da + 6 * k;
+        const T s = d[0] * a[0] + d[1] * a[1] + d[2] * a[2] + d[3] * a[3] + d[4] * a[4] + d[5] * a[5];
+        for (int c = 0; c < 3; ++c) u[c] += ga[3 * k + c] * s + wt[k] * a[6 + c];
+      }
+      if (ws) for (int c = 0; c < 3; ++c) u[c] *= ws[3 * px + c];
+      for (int64_t k = i; k < end; ++k) {
+        const T w = wt[k];
+        const T* gk = ga + 3 * k;
+        const T s = gk[0] * u[0] + gk[1] * u[1] + gk[2] * u[2];
+        const T* d = da + 6 * k;
+        T* o = out + kF * g[k];
+        for (int j = 0; j < 6; ++j) o[j] += d[j] * s;
+        for (int c = 0; c < 3; ++c) o[6 + c] += w * u[c];
+      }
+      i = end;
+    }
+  });
+  return buf.size(0) == 1 ? buf[0] : buf.sum(0);
+}
+
+// Per (view, Gaussian) moments of the pairs' factors A = diag(s) [g_alpha d_alpha^T | w I]:
+// row [|G|^2 d d^T (36) | d (w s * G)^T (18) | (w s)^2 (3)], G = s * g_alpha (s = W^1/2 or 1).
+template <typename T>
+torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
+                           const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
+                           const torch::Tensor& weight, const torch::Tensor* sqrt_w,
+                           int64_t num_rows) {
+  const int64_t* g = gid.data_ptr<int64_t>();
+  const int64_t* pix = pixel.data_ptr<int64_t>();
+  const T* ga = g_alpha.data_ptr<T>();
+  const T* da = d_alpha.data_ptr<T>();
+  const T* wt = weight.data_ptr<T>();
+  const T* sw = sqrt_w ? sqrt_w->data_ptr<T>() : nullptr;
+  const int64_t n = gid.numel();
+  auto buf = per_thread_buffers(num_rows, 57, g_alpha.options());
+  T* base = buf.data_ptr<T>();
+  parallel_pairs(n, pix, false, [&](int64_t lo, int64_t hi, int slot) {
+  T* out = base + slot * num_rows * 57;
+  for (int64_t k = lo; k < hi; ++k) {
+    T G[3], ws[3];
+    for (int c = 0; c < 3; ++c) {
+      const T s = sw ? sw[3 * pix[k] + c] : T(1);
+      G[c] = ga[3 * k + c] * s;
+      ws[c] = wt[k] * s;
+    }
+    const T norm = G[0] * G[0] + G[1] * G[1] + G[2] * G[2];
+    const T* d = da + 6 * k;
+    T* o = out + 57 * g[k];
+    for (int a = 0; a < 6; ++a) {
+      const T nd = norm * d[a];
+      for (int b = 0; b < 6; ++b) o[6 * a + b] += nd * d[b];
+      for (int c = 0; c < 3; ++c) o[36 + 3 * a + c] += d[a] * (ws[c] * G[c]);
+    }
+    for (int c = 0; c < 3; ++c) o[54 + c] += ws[c] * ws[c];
+  }
+  });
+  return buf.size(0) == 1 ? buf[0] : buf.sum(0);
+}
+
+std::vector<torch::Tensor> pj_build(torch::Tensor feats, torch::Tensor gid, torch::Tensor pixel,
+                                    torch::Tensor px, torch::Tensor py, torch::Tensor bg,
+                                    int64_t pixels_per_view, int64_t num_pixels) {
+  check(feats, "feats"); check(gid, "gid"); check(pixel, "pixel"); check(px, "px"); check(py, "py");
+  check(bg, "bg");
+  TORCH_CHECK(feats.dim() == 2 && feats.size(1) == kF, "feats must be [N, 9]");
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "diff3r_pj_build", [&] {
+    out = build_impl<scalar_t>(feats, gid, pixel, px, py, bg, pixels_per_view, num_pixels);
+  });
+  return out;
+}
+
+torch::Tensor pj_jvp(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
+                     torch::Tensor d_alpha, torch::Tensor weight, int64_t num_pixels) {
+  check(q, "q"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "diff3r_pj_jvp", [&] {
+    out = jvp_impl<scalar_t>(q, gid, pixel, g_alpha, d_alpha, weight, num_pixels);
+  });
+  return out;
+}
+
+torch::Tensor pj_vjp(torch::Tensor u, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
+                     torch::Tensor d_alpha, torch::Tensor weight, int64_t num_rows) {
+  check(u, "u"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "diff3r_pj_vjp", [&] {
+    out = vjp_impl<scalar_t>(u, gid, pixel, g_alpha, d_alpha, weight, num_rows);
+  });
+  return out;
+}
+
+torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
+                              torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> wsq,
+                              int64_t num_rows) {
+  check(q, "q"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  if (wsq) check(*wsq, "wsq");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "diff3r_pj_gauss_newton", [&] {
+    out = gn_impl<scalar_t>(q, gid, pixel, g_alpha, d_alpha, weight, wsq ? &(*wsq) : nullptr, num_rows);
+  });
+  return out;
+}
+
+torch::Tensor pj_moments(torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
+                         torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> sqrt_w,
+                         int64_t num_rows) {
+  check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  if (sqrt_w) check(*sqrt_w, "sqrt_w");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(g_alpha.scalar_type(), "diff3r_pj_moments", [&] {
+    out = moments_impl<scalar_t>(gid, pixel, g_alpha, d_alpha, weight,
+                                 sqrt_w ? &(*sqrt_w) : nullptr, num_rows);
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_pair_jacobian(pybind11::module& m) {
+  m.def("pj_build", &pj_build, "per-pair factors of the sparse Jacobian, and the composited colour");
+  m.def("pj_jvp", &pj_jvp, "J p over the pairs, from the feature tangents");
+  m.def("pj_vjp", &pj_vjp, "J^T u over the pairs, to the feature cotangents");
+  m.def("pj_gauss_newton", &pj_gauss_newton, "J^T W J p over the pairs, feature tangents to cotangents");
+  m.def("pj_moments", &pj_moments, "per-(view, Gaussian) moments of the pair factors");
+}
