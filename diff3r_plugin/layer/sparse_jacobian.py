@@ -34,6 +34,7 @@ from ..render import native
 from ..render.api import pose_adjusted_extrinsics
 from ..render.common import ALPHA_MAX, _broadcast_background, project
 from ..render.torch_backend import PairPlan, _pair_power, pair_transmittance
+from .projection_jacobian import GEOMETRY_SLOTS, geometry_columns
 from .views import ContextViews
 
 NUM_FEATURES = 9  # mean2d (2), conic (3), opacity (1), colour (3)
@@ -216,9 +217,9 @@ class SparseJacobian:
         slots = gaussian_slots(layout, device)
         feats, proj = _features(theta, layout, views)
 
-        # F: one JVP of the projection per geometry slot (a slot of all Gaussians at once; the
-        # blocks do not overlap), the slots batched through one vmap; the appearance columns in
-        # closed form.
+        # F: the geometry and appearance columns in closed form (.projection_jacobian,
+        # _appearance); the pose columns by one JVP of the projection per pose slot (a slot of
+        # every view at once), the slots batched through one vmap.
         def feat_fn(t):
             return _features(t, layout, views)[0]
 
@@ -231,8 +232,14 @@ class SparseJacobian:
 
         n_i = slots.shape[1]
         n_geo = _geometry_slots(layout)
-        geo = (columns([slots[:, s] for s in range(n_geo)]) if n_geo
-               else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0))
+        if n_geo == GEOMETRY_SLOTS:
+            params = GaussianParams.unflatten(theta, layout)
+            geo = geometry_columns(params.means, params.log_scales, params.quats, params.harmonics,
+                                   pose_adjusted_extrinsics(params, views.extrinsics), views.intrinsics,
+                                   views.near, views.image_shape, views.sh_basis, feats[:, 6:9])
+        else:
+            geo = (columns([slots[:, s] for s in range(n_geo)]) if n_geo
+                   else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0))
         app = _appearance(theta, layout, views, feats) if n_i > n_geo else None
         feat_jac = torch.cat([geo, app.columns()], 2) if app is not None else geo
         pose_jac = None

@@ -336,3 +336,31 @@ def test_products_on_a_graph_stay_differentiable(monkeypatch):
     assert served and not any(served)  # nothing on the graph went through the value-only kernels
     assert float(b.abs().max()) > 0
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("sh_degree,sh_basis,pose_views", [(0, "e3nn", 0), (1, "e3nn", 1), (3, "3dgs", 0),
+                                                           (2, "e3nn", 1)])
+def test_closed_form_geometry_columns_equal_forward_mode(sh_degree, sh_basis, pose_views):
+    """The closed-form geometry columns of F are the forward-mode derivative of the projection,
+    also for Gaussians behind the near plane and outside the clamped field of view."""
+    from diff3r_plugin.layer.projection_jacobian import GEOMETRY_SLOTS
+    from diff3r_plugin.layer.sparse_jacobian import _features
+
+    obj, layout, theta = problem(gaussians=50, size=12, sh_degree=sh_degree, pose_views=pose_views,
+                                 robust="none", sh_basis=sh_basis)
+    theta = theta.clone()
+    means = layout.slices["means"]
+    m = theta[:, means].reshape(theta.shape[0], -1, 3)
+    m[:, :4] = m[:, :4] * torch.tensor([1.0, 1.0, -3.0], dtype=F64)  # some behind the cameras
+    m[:, 4:8, 0] = m[:, 4:8, 0] + 40.0  # some far outside the field of view (clamped EWA Jacobian)
+    theta[:, means] = m.reshape(theta.shape[0], -1)
+    jac = SparseJacobian.build(theta, layout, obj.views, obj.make_plan(theta), None)
+    slots = gaussian_slots(layout)
+    tangents = theta.new_zeros(GEOMETRY_SLOTS, *theta.shape)
+    for k in range(GEOMETRY_SLOTS):
+        tangents[k][:, slots[:, k]] = 1
+    ref = torch.func.vmap(lambda tan: torch.func.jvp(lambda t: _features(t, layout, obj.views)[0],
+                                                     (theta,), (tan,))[1])(tangents).movedim(0, -1)
+    got = jac.feat_jac[:, :, :GEOMETRY_SLOTS]
+    assert float(ref.abs().max()) > 0
+    assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())

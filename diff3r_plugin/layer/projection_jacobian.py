@@ -1,0 +1,186 @@
+"""The geometry columns of the projection's Jacobian, in closed form.
+
+For every (view, Gaussian) the explicit Jacobian (:mod:`.sparse_jacobian`) needs the derivative
+of the projected features ``f = [mean2d (2), conic (3), opacity, colour (3)]`` with respect to
+the Gaussian's mean ``mu``, log-scales ``l`` and quaternion ``q``: ``[N, 9, 10]``. These are the
+derivatives of :func:`diff3r_plugin.render.common.project` (EWA splatting), written out so that
+they cost a few dozen elementwise passes instead of ten forward-mode passes through the
+projection. With ``p = R mu + t`` in camera space, ``u = x / z``, ``v = y / z``:
+
+* ``mean2d = (f_x u + c_x, f_y v + c_y)``: ``du/dmu = (R_0 - u R_2) / z``, ``dv/dmu = (R_1 - v R_2) / z``.
+* the 2D covariance ``(a, b, c)`` of ``M Sigma M^T + 0.3 I`` with the rows
+  ``m_0 = f_x (R_0 - u_c R_2) / z``, ``m_1 = f_y (R_1 - v_c R_2) / z`` (``u_c, v_c`` the clamped
+  ``u, v``) and ``Sigma = R_q diag(s^2) R_q^T``::
+
+      da = 2 dm_0 Sigma m_0^T + m_0 dSigma m_0^T,  db = dm_0 Sigma m_1^T + m_0 Sigma dm_1^T + m_0 dSigma m_1^T
+
+  with ``dSigma/dl_k = 2 s_k^2 r_k r_k^T`` and ``dSigma = sum_k s_k^2 (dr_k r_k^T + r_k dr_k^T)``
+  for the quaternion (``r_k`` the columns of ``R_q``, whose entries are quadratic in the unit
+  quaternion ``q / |q|``);
+* the conic ``(c, -b, a) / det``, ``det = a c - b^2``: ``d(x / det) = (dx det - x ddet) / det^2``;
+* the colour ``max(0, sum_j sh_j Y_j(d) + 0.5)``, ``d = (mu - o) / |mu - o|``: through the SH
+  basis gradient, ``(I - d d^T) / |mu - o|``, where the colour is not clamped.
+
+Culled Gaussians (behind the near plane, degenerate 2D covariance) use the same constant
+stand-ins as the projection, so the columns equal its derivative everywhere.
+"""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..geometry.cameras import focal_pixels, get_fov, invert_rigid
+from ..geometry.sh import MAX_RENDER_DEGREE, SHBasis, degree_from_coeffs, sh_basis_values
+from ..render.common import DILATION, FOV_CLAMP, NEAR_CULL_FACTOR
+
+GEOMETRY_SLOTS = 10  # means (3), log-scales (3), quaternion (4)
+
+
+def _rotation_quadratic(q: Tensor) -> Tensor:
+    """``R(q) - I`` for the rotation formula of ``quat_to_rotmat`` (homogeneous quadratic in q)."""
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        torch.stack([-2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        torch.stack([2 * (x * y + w * z), -2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), -2 * (x * x + y * y)], -1),
+    ], dim=-2)
+
+
+def _rotation_derivatives(quats: Tensor) -> tuple[Tensor, Tensor]:
+    """``R_q`` and ``dR_q / dq_i`` ``[..., 4, 3, 3]`` of the normalized-quaternion rotation.
+
+    ``q_hat = q / |q|`` has ``dq_hat / dq = (I - q_hat q_hat^T) / |q|``; ``R - I = Q(q_hat)`` is a
+    homogeneous quadratic, so its derivative along ``e`` is ``(Q(q_hat + e) - Q(q_hat - e)) / 2``.
+    """
+    peak = quats.detach().abs().amax(-1, keepdim=True)
+    u = quats / torch.where(peak > 0, peak, torch.ones_like(peak))
+    norm_u = u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    qh = u / norm_u
+    norm_q = norm_u * torch.where(peak > 0, peak, torch.ones_like(peak))
+    eye = torch.eye(4, dtype=quats.dtype, device=quats.device)
+    dq = (eye - qh[..., :, None] * qh[..., None, :]) / norm_q[..., None]  # [..., 4 (input i), 4]
+    qe = qh[..., None, :]
+    d_rot = 0.5 * (_rotation_quadratic(qe + dq) - _rotation_quadratic(qe - dq))  # [..., 4, 3, 3]
+    rot = torch.eye(3, dtype=quats.dtype, device=quats.device) + _rotation_quadratic(qh)
+    return rot, d_rot
+
+
+def _sh_direction_gradient(dirs: Tensor, degree: int, basis: SHBasis) -> Tensor:
+    """``dY_j / dd`` ``[..., (degree + 1)^2, 3]`` of the SH basis at directions ``d`` (forward mode
+    through the small basis polynomial, one pass per axis)."""
+    eye = torch.eye(3, dtype=dirs.dtype, device=dirs.device)
+    flat = dirs.reshape(-1, 3)
+
+    def along(e):
+        return torch.func.jvp(lambda d: sh_basis_values(d, degree, basis), (flat,),
+                              (e.expand_as(flat),))[1]
+
+    grads = torch.func.vmap(along)(eye)  # [3, M, n_sh]
+    return grads.permute(1, 2, 0).reshape(*dirs.shape[:-1], -1, 3)
+
+
+def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float[Tensor, "batch gaussian 3"],
+                     quats: Float[Tensor, "batch gaussian 4"], harmonics: Float[Tensor, "batch gaussian 3 d_sh"],
+                     extrinsics: Float[Tensor, "batch view 4 4"], intrinsics: Float[Tensor, "batch view 3 3"],
+                     near: Float[Tensor, "batch view"], image_shape: tuple[int, int], sh_basis: SHBasis,
+                     color: Float[Tensor, "row 3"]) -> Float[Tensor, "row 9 10"]:
+    """``df / d(mu, l, q)`` for every (view, Gaussian), rows ordered ``(batch, view, gaussian)``.
+
+    ``color``: the projected colours (their zeros are where the clamp at 0 cuts the derivative).
+    """
+    b, g = means.shape[:2]
+    v = extrinsics.shape[1]
+    h, w = image_shape
+    w2c = invert_rigid(extrinsics)
+    rot, trans = w2c[..., :3, :3], w2c[..., :3, 3]
+    p_cam = torch.einsum("bvij,bgj->bvgi", rot, means) + trans[:, :, None, :]
+    x, y, z = p_cam.unbind(-1)  # [b, v, g]
+    focal = focal_pixels(intrinsics, image_shape)
+    fx, fy = focal[..., 0:1], focal[..., 1:2]  # [b, v, 1]
+    tan_half = (0.5 * get_fov(intrinsics)).tan()
+    lim_x, lim_y = FOV_CLAMP * tan_half[..., 0:1], FOV_CLAMP * tan_half[..., 1:2]
+    valid = (z > NEAR_CULL_FACTOR * near[..., None]).detach()
+    vf = valid.to(means.dtype)
+    zs = torch.where(valid, z, torch.ones_like(z))
+    u, t = x / zs, y / zs
+    uc = torch.maximum(torch.minimum(u, lim_x), -lim_x)
+    tc = torch.maximum(torch.minimum(t, lim_y), -lim_y)
+    free_u = ((u < lim_x) & (u > -lim_x)).to(means.dtype)
+    free_t = ((t < lim_y) & (t > -lim_y)).to(means.dtype)
+
+    r0, r1, r2 = rot[:, :, None, 0], rot[:, :, None, 1], rot[:, :, None, 2]  # [b, v, 1, 3]
+    dz = vf[..., None] * r2  # dz / dmu (a constant stand-in for culled Gaussians)
+    du = (r0 - u[..., None] * dz) / zs[..., None]  # [b, v, g, 3]
+    dt = (r1 - t[..., None] * dz) / zs[..., None]
+    d_mean2d = torch.stack([fx[..., None] * du, fy[..., None] * dt], -2)  # [b, v, g, 2, 3]
+
+    # Rows of M = J W and their derivatives along each mean coordinate.
+    e0 = r0 - uc[..., None] * r2
+    e1 = r1 - tc[..., None] * r2
+    m0 = (fx / zs)[..., None] * e0
+    m1 = (fy / zs)[..., None] * e1
+    inv_z2 = (1 / (zs * zs))[..., None, None]
+    # dm0[..., j, :] = d m0 / d mu_j
+    dm0 = fx[..., None, None] * (-inv_z2 * dz[..., :, None] * e0[..., None, :]
+                                 - ((free_u[..., None] * du) / zs[..., None])[..., :, None] * r2[..., None, :])
+    dm1 = fy[..., None, None] * (-inv_z2 * dz[..., :, None] * e1[..., None, :]
+                                 - ((free_t[..., None] * dt) / zs[..., None])[..., :, None] * r2[..., None, :])
+
+    rq, drq = _rotation_derivatives(quats)  # [b, g, 3, 3], [b, g, 4, 3, 3]
+    s2 = (2 * log_scales).exp()  # [b, g, 3]
+    sigma = (rq * s2[..., None, :]) @ rq.transpose(-1, -2)
+    sig = sigma[:, None]  # [b, 1, g, 3, 3]
+    t0 = (sig * m0[..., None, :]).sum(-1)  # Sigma m0^T
+    t1 = (sig * m1[..., None, :]).sum(-1)
+    a = (m0 * t0).sum(-1) + DILATION
+    bb = (m0 * t1).sum(-1)
+    c = (m1 * t1).sum(-1) + DILATION
+
+    # (da, db, dc) along the means [b, v, g, 3 (coord)], ...
+    da_mu = 2 * (dm0 * t0[..., None, :]).sum(-1)
+    db_mu = (dm0 * t1[..., None, :]).sum(-1) + (dm1 * t0[..., None, :]).sum(-1)
+    dc_mu = 2 * (dm1 * t1[..., None, :]).sum(-1)
+    # ... along the log-scales: m dSigma m'^T = 2 s_k^2 (m . r_k)(m' . r_k)
+    p0 = torch.einsum("bvgi,bgik->bvgk", m0, rq)  # m0 . r_k
+    p1 = torch.einsum("bvgi,bgik->bvgk", m1, rq)
+    s2v = s2[:, None]
+    da_l, db_l, dc_l = 2 * s2v * p0 * p0, 2 * s2v * p0 * p1, 2 * s2v * p1 * p1
+    # ... along the quaternion: m dSigma m'^T = sum_k s_k^2 ((m . dr_k)(m' . r_k) + (m . r_k)(m' . dr_k))
+    q0 = torch.einsum("bvgi,bgqik->bvgqk", m0, drq)  # m0 . dr_k / dq
+    q1 = torch.einsum("bvgi,bgqik->bvgqk", m1, drq)
+    s2q = s2v[..., None, :]
+    da_q = 2 * (s2q * q0 * p0[..., None, :]).sum(-1)
+    db_q = (s2q * (q0 * p1[..., None, :] + p0[..., None, :] * q1)).sum(-1)
+    dc_q = 2 * (s2q * q1 * p1[..., None, :]).sum(-1)
+    d_abc = torch.stack([torch.cat([da_mu, da_l, da_q], -1), torch.cat([db_mu, db_l, db_q], -1),
+                         torch.cat([dc_mu, dc_l, dc_q], -1)], -2)  # [b, v, g, 3, 10]
+
+    det = a * c - bb * bb
+    ok = (valid & (det > 0).detach())
+    dets = torch.where(ok, det, torch.ones_like(det))
+    da, db, dc = d_abc.unbind(-2)
+    ddet = ok.to(means.dtype)[..., None] * (da * c[..., None] + a[..., None] * dc - 2 * bb[..., None] * db)
+    inv2 = (1 / (dets * dets))[..., None]
+    d_conic = torch.stack([(dc * dets[..., None] - c[..., None] * ddet) * inv2,
+                           -(db * dets[..., None] - bb[..., None] * ddet) * inv2,
+                           (da * dets[..., None] - a[..., None] * ddet) * inv2], -2)  # [b, v, g, 3, 10]
+
+    # Colour along the means (view-dependent SH only).
+    n = b * v * g
+    cols = means.new_zeros(b, v, g, 9, GEOMETRY_SLOTS)
+    cols[..., 0:2, 0:3] = d_mean2d
+    cols[..., 2:5, :] = d_conic
+    d_sh = harmonics.shape[-1]
+    degree = min(degree_from_coeffs(d_sh), MAX_RENDER_DEGREE)
+    if degree > 0:
+        k = (degree + 1) ** 2
+        campos = extrinsics[..., :3, 3]
+        rel = means[:, None] - campos[:, :, None]  # [b, v, g, 3]
+        dist = rel.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        dirs = rel / dist
+        grad_y = _sh_direction_gradient(dirs, degree, sh_basis)  # [b, v, g, k, 3]
+        gd = torch.einsum("bgcj,bvgjd->bvgcd", harmonics[..., :k], grad_y)  # [b, v, g, 3 (rgb), 3]
+        proj = gd - (gd * dirs[..., None, :]).sum(-1, keepdim=True) * dirs[..., None, :]
+        lit = (color.reshape(b, v, g, 3) > 0).detach().to(means.dtype)
+        cols[..., 6:9, 0:3] = lit[..., None] * proj / dist[..., None]
+    return cols.reshape(n, 9, GEOMETRY_SLOTS)
