@@ -108,15 +108,13 @@ class _Sparse(_Products):
         if self._blocks is None:
             with torch.no_grad():
                 jac = self.jacobian
-                self._blocks = [(jac.block_diagonal(cols), jac.slots.index_select(1, cols))
-                                for cols in jac.block_partition()]
-        return self._blocks
+                self._blocks = [(jac.block_diagonal(cols, rows), cols) for cols, rows in jac.block_partition()]
+        return [(blk, self.jacobian.slots.index_select(1, cols)) for blk, cols in self._blocks]
 
     def jtj_diag(self, probes=0, generator=None):
-        """The exact ``diag(J^T W J)`` (no probes), read off the blocks when they cover every slot."""
+        """The exact ``diag(J^T W J)`` (no probes), read off the blocks when they exist."""
         with torch.no_grad():
-            whole = self._blocks is not None and len(self._blocks) == 1
-            return self.jacobian.diagonal(blocks=self._blocks[0][0] if whole else None)
+            return self.jacobian.diagonal(parts=self._blocks)
 
 
 class _Autodiff(_Products):
@@ -263,7 +261,7 @@ class HessianOperator:
         if self._data_diag is None:
             with part("linearize"):
                 if self.precond == "block_jacobi":
-                    self.products.blocks()  # first: with one block part the diagonal is read off it
+                    self.products.blocks()  # first: the Gaussians' diagonal entries are read off them
                 self._data_diag = self.products.jtj_diag(self.precond_probes, self.generator).detach()
         return self._data_diag
 

@@ -444,48 +444,58 @@ class SparseJacobian:
         bottom = torch.cat([dq.transpose(1, 2), torch.diag_embed(ww)], 2)
         return torch.cat([top, bottom], 1)
 
-    def block_partition(self) -> list[Tensor]:
+    def block_partition(self) -> list[tuple[Tensor, Tensor]]:
         """The sets of a Gaussian's slots (indices into ``slots``' columns) whose blocks the
-        block-Jacobi preconditioner inverts exactly.
+        block-Jacobi preconditioner inverts exactly, each with the feature rows its columns
+        can touch: ``[(cols, rows), ...]``, covering every slot once.
 
         One block of the geometry, the opacity and the DC colour (all that a Gaussian has at SH
-        degree 0: the whole block), and one per colour channel of the higher SH coefficients.
-        The channels' coefficients share no feature (``dc_k / dsh_jl = 0`` for ``j != k``), so
-        only the couplings of the higher coefficients with the geometry are left out, and the
-        Cholesky factors of three 15 x 15 and one 14 x 14 block (degree 3) cost a fifteenth of
-        one 59 x 59 block's.
+        degree 0: the whole block), and one per colour channel of the higher SH coefficients,
+        which move only that channel's colour. The channels' coefficients share no feature, so
+        only the couplings of the higher coefficients with the geometry and the DC are left
+        out, and the factors of three 15 x 15 and one 14 x 14 block (degree 3) cost a
+        fifteenth of one 59 x 59 block's.
         """
+        device = self.slots.device
         n_i = self.slots.shape[1]
         n_main = min(n_i, _geometry_slots(self.layout) + 4)  # + opacity + DC (3)
         d_rest = (n_i - n_main) // 3
-        parts = [torch.arange(n_main, device=self.slots.device)]
+        parts = [(torch.arange(n_main, device=device), torch.arange(NUM_FEATURES, device=device))]
         if d_rest > 0:
-            parts += [n_main + c * d_rest + torch.arange(d_rest, device=self.slots.device) for c in range(3)]
+            parts += [(n_main + c * d_rest + torch.arange(d_rest, device=device), torch.tensor([6 + c], device=device))
+                      for c in range(3)]
         return parts
 
-    def block_diagonal(self, cols: Tensor | None = None, chunk: int = 1 << 17) -> Tensor:
+    def block_diagonal(self, cols: Tensor | None = None, rows: Tensor | None = None,
+                       chunk: int = 1 << 17) -> Tensor:
         """Exact per-Gaussian blocks of ``J^T W J`` over the slot columns ``cols`` (default:
-        all): ``[b, G, k, k]``."""
+        all): ``[b, G, k, k]``. ``rows``: the only features these columns move (the others'
+        entries of ``F`` are zero), to skip them."""
         b, v = self._shape[:2]
         g = self.layout.num_gaussians
         f = self.feat_jac if cols is None else self.feat_jac.index_select(2, cols)
-        k = f.shape[2]
         m = self.feature_moments(chunk)
+        if rows is not None:
+            f = f.index_select(1, rows)
+            m = m.index_select(1, rows).index_select(2, rows)
+        k = f.shape[2]
         fm = torch.einsum("nfs,nfg->nsg", f, m)
         blocks = torch.einsum("nsg,ngt->nst", fm, f)
         return blocks.reshape(b, v, g, k, k).sum(1)
 
-    def diagonal(self, chunk: int = 1 << 17, blocks: Tensor | None = None) -> Tensor:
+    def diagonal(self, chunk: int = 1 << 17, parts: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Exact ``diag(J^T W J)`` as ``[b, n]``.
 
-        ``blocks``: the output of :meth:`block_diagonal` over all slots, when already at hand;
-        the Gaussian entries are then read off its diagonals.
+        ``parts``: ``(blocks, cols)`` from :meth:`block_diagonal` over a partition of the slot
+        columns, when already at hand; the Gaussian entries are then read off their diagonals.
         """
         b, v, h, w = self._shape
         g = self.layout.num_gaussians
         n_i = self.slots.shape[1]
-        if blocks is not None:
-            acc = torch.diagonal(blocks, dim1=-2, dim2=-1).reshape(b * g, n_i)
+        if parts is not None:
+            acc = self.feat_jac.new_zeros(b * g, n_i)
+            for blocks, cols in parts:
+                acc[:, cols] = torch.diagonal(blocks, dim1=-2, dim2=-1).reshape(b * g, -1)
         else:
             m = self.feature_moments(chunk)
             acc = torch.einsum("nfs,nfg,ngs->ns", self.feat_jac, m, self.feat_jac)
