@@ -19,6 +19,9 @@ from diff3r_plugin.render.api import render_params
 
 F64 = torch.float64
 BG = (0.2, 0.3, 0.4)
+_native = native.native_status()
+needs_native = pytest.mark.skipif(not _native["available"],
+                                  reason=f"compiled kernels unavailable: {_native['reason']}")
 
 
 def problem(gaussians=40, size=14, views=2, batch=2, sh_degree=1, pose_views=1, robust="huber",
@@ -151,6 +154,31 @@ def test_block_jacobi_preconditioner_applies_the_inverse_blocks():
     assert torch.isfinite(z_bad).all()
 
 
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 1e-4)])
+def test_compiled_block_inverses_equal_the_linalg_path(dtype, tol, monkeypatch):
+    from diff3r_plugin.layer.preconditioners import _spd_inverse
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 300, 15, 15, generator=gen, dtype=F64)
+    blocks = (a @ a.transpose(-1, -2) + 0.1 * torch.eye(15, dtype=F64)).to(dtype)
+    blocks[0, 7] = -torch.eye(15, dtype=dtype)  # not positive definite: the diagonal's inverse
+    blocks[1, 3, 0, 0] = 0.0
+    blocks[1, 3, 0, 1:] = blocks[1, 3, 1:, 0] = 0.0
+    fast = _spd_inverse(blocks)
+    monkeypatch.setattr(native, "usable", lambda *tensors: None)
+    ref = _spd_inverse(blocks)
+    good = torch.ones(2, 300, dtype=torch.bool)
+    good[0, 7] = good[1, 3] = False
+    rel = (fast - ref).abs().amax((-1, -2)) / ref.abs().amax((-1, -2))
+    assert float(rel[good].max()) < tol
+    assert torch.isfinite(fast).all() and torch.isfinite(ref).all()
+    # The blocks that do not factor get the inverse of their (clamped) diagonal on both paths.
+    eye_inv = torch.diag_embed(1 / torch.diagonal(blocks[0, 7]).clamp_min(torch.finfo(dtype).tiny))
+    assert torch.allclose(fast[0, 7], eye_inv) and torch.allclose(ref[0, 7], eye_inv)
+    assert torch.allclose(fast[1, 3], ref[1, 3], rtol=tol)
+
+
 def test_block_jacobi_cuts_pcg_iterations_on_a_rendering_system():
     obj, layout, theta = problem(gaussians=150, size=24, pose_views=0, sh_degree=0, robust="none",
                                  batch=1, dtype=torch.float32)
@@ -254,9 +282,6 @@ def test_one_jacobian_per_linearization_point(solver, monkeypatch):
 
 
 # -- the compiled pair kernels (render/csrc/pair_jacobian.cpp) ----------------------------
-_native = native.native_status()
-needs_native = pytest.mark.skipif(not _native["available"],
-                                  reason=f"compiled kernels unavailable: {_native['reason']}")
 
 
 def _count_compiled(monkeypatch) -> list:

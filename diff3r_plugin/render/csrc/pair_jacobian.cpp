@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -276,6 +277,78 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
   return buf.size(0) == 1 ? buf[0] : buf.sum(0);
 }
 
+// Inverses of small SPD blocks [M, k, k] by Cholesky (in double), one block per task; a block
+// whose factorization meets a non-positive pivot gets the inverse of its diagonal instead
+// (flagged in ok = 0), as the PyTorch path of the block preconditioner does.
+template <typename T>
+std::vector<torch::Tensor> spd_inverse_impl(const torch::Tensor& blocks) {
+  const int64_t m = blocks.size(0), k = blocks.size(1);
+  auto inv = torch::empty_like(blocks);
+  auto ok = torch::ones({m}, blocks.options().dtype(torch::kBool));
+  const T* a = blocks.data_ptr<T>();
+  T* out = inv.data_ptr<T>();
+  bool* good = ok.data_ptr<bool>();
+  at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<double> l(k * k), li(k * k);
+    for (int64_t b = lo; b < hi; ++b) {
+      const T* A = a + b * k * k;
+      T* X = out + b * k * k;
+      bool pd = true;
+      std::fill(l.begin(), l.end(), 0.0);
+      for (int64_t j = 0; j < k && pd; ++j) {
+        double d = double(A[j * k + j]);
+        for (int64_t p = 0; p < j; ++p) d -= l[j * k + p] * l[j * k + p];
+        if (!(d > 0.0) || !std::isfinite(d)) { pd = false; break; }
+        const double ljj = std::sqrt(d);
+        l[j * k + j] = ljj;
+        for (int64_t i = j + 1; i < k; ++i) {
+          double s = double(A[i * k + j]);
+          for (int64_t p = 0; p < j; ++p) s -= l[i * k + p] * l[j * k + p];
+          l[i * k + j] = s / ljj;
+        }
+      }
+      if (!pd) {
+        good[b] = false;
+        for (int64_t i = 0; i < k * k; ++i) X[i] = T(0);
+        for (int64_t i = 0; i < k; ++i) {
+          const double d = double(A[i * k + i]);
+          X[i * k + i] = T(1.0 / std::max(d, double(std::numeric_limits<T>::min())));
+        }
+        continue;
+      }
+      // L^-1 (lower triangular), then A^-1 = L^-T L^-1.
+      std::fill(li.begin(), li.end(), 0.0);
+      for (int64_t j = 0; j < k; ++j) {
+        li[j * k + j] = 1.0 / l[j * k + j];
+        for (int64_t i = j + 1; i < k; ++i) {
+          double s = 0.0;
+          for (int64_t p = j; p < i; ++p) s -= l[i * k + p] * li[p * k + j];
+          li[i * k + j] = s / l[i * k + i];
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0.0;
+          for (int64_t p = i; p < k; ++p) s += li[p * k + i] * li[p * k + j];
+          X[i * k + j] = T(s);
+          X[j * k + i] = T(s);
+        }
+      }
+    }
+  });
+  return {inv, ok};
+}
+
+std::vector<torch::Tensor> pj_spd_inverse(torch::Tensor blocks) {
+  check(blocks, "blocks");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == blocks.size(2), "blocks must be [M, k, k]");
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(blocks.scalar_type(), "diff3r_pj_spd_inverse", [&] {
+    out = spd_inverse_impl<scalar_t>(blocks);
+  });
+  return out;
+}
+
 std::vector<torch::Tensor> pj_build(torch::Tensor feats, torch::Tensor gid, torch::Tensor pixel,
                                     torch::Tensor px, torch::Tensor py, torch::Tensor bg,
                                     int64_t pixels_per_view, int64_t num_pixels) {
@@ -341,5 +414,6 @@ void register_pair_jacobian(pybind11::module& m) {
   m.def("pj_jvp", &pj_jvp, "J p over the pairs, from the feature tangents");
   m.def("pj_vjp", &pj_vjp, "J^T u over the pairs, to the feature cotangents");
   m.def("pj_gauss_newton", &pj_gauss_newton, "J^T W J p over the pairs, feature tangents to cotangents");
+  m.def("pj_spd_inverse", &pj_spd_inverse, "inverses of small SPD blocks by Cholesky (diagonal fallback)");
   m.def("pj_moments", &pj_moments, "per-(view, Gaussian) moments of the pair factors");
 }
