@@ -442,7 +442,7 @@ class Diff3RConfig(_Section):
     lr: LearningRates = field(default_factory=LearningRates)
     means_lr_scale: Literal["scene_extent", "none"] = "scene_extent"
     lm_damping: float = field(default=3.0, metadata=_bound(gt=0))
-    lm_pcg_iters: int = field(default=10, metadata=_bound(ge=1))
+    lm_pcg_iters: int = field(default=5, metadata=_bound(ge=1))
     lm_pcg_tol: float = field(default=1e-2, metadata=_bound(gt=0, lt=1))
     backward: Literal["implicit", "unroll"] = "implicit"
     hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
@@ -451,7 +451,7 @@ class Diff3RConfig(_Section):
     precond: Literal["block_jacobi", "jacobi", "none"] = "block_jacobi"
     precond_probes: int = field(default=8, metadata=_bound(ge=1))
     pcg_tol: float = field(default=1e-3, metadata=_bound(gt=0, lt=1))
-    pcg_maxiter: int = field(default=20, metadata=_bound(ge=1))
+    pcg_maxiter: int = field(default=10, metadata=_bound(ge=1))
     pcg_check_every: int = field(default=5, metadata=_bound(ge=1))
     robust: Literal["none", "huber"] = "none"
     huber_delta: float = field(default=0.1, metadata=_bound(gt=0))

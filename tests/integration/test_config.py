@@ -22,10 +22,10 @@ def test_defaults() -> None:
         means=1.6e-4, log_scales=5e-3, quats=1e-3, opacity_logits=5e-2, sh_dc=2.5e-3, sh_rest=1.25e-4, pose=1e-3
     )
     assert cfg.means_lr_scale == "scene_extent"
-    assert (cfg.lm_damping, cfg.lm_pcg_iters, cfg.lm_pcg_tol) == (3.0, 10, 1e-2)
+    assert (cfg.lm_damping, cfg.lm_pcg_iters, cfg.lm_pcg_tol) == (3.0, 5, 1e-2)
     assert (cfg.backward, cfg.matvec, cfg.fd_eps) == ("implicit", "sparse", 1e-3)
     assert (cfg.precond, cfg.precond_probes) == ("block_jacobi", 8)
-    assert (cfg.pcg_tol, cfg.pcg_maxiter, cfg.pcg_check_every) == (1e-3, 20, 5)
+    assert (cfg.pcg_tol, cfg.pcg_maxiter, cfg.pcg_check_every) == (1e-3, 10, 5)
     assert (cfg.robust, cfg.huber_delta, cfg.on_failure) == ("none", 0.1, "warn")
     assert (cfg.backend, cfg.sh_basis) == ("torch", "auto")
     assert (cfg.lambda_mode, cfg.constant_lambda) == ("predicted", 1.0)
