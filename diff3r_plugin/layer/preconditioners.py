@@ -47,12 +47,13 @@ def _spd_inverse(blocks: Tensor) -> Tensor:
     return torch.cholesky_inverse(chol)
 
 
-def block_preconditioner(parts: list[tuple[Float[Tensor, "batch gaussian slot slot"], Int[Tensor, "gaussian slot"]]],
+def block_preconditioner(parts: list[tuple[Float[Tensor, "batch gaussian _ _"], Int[Tensor, "gaussian _"]]],
                          diag: Float[Tensor, "batch param"]) -> Callable[[Tensor, Tensor], Tensor]:
     """``M^-1`` of a block-Jacobi preconditioner as a callable ``(r, idx) -> z`` for PCG.
 
     Args:
-        parts: ``(blocks, slots)`` pairs: per-Gaussian blocks of the system matrix (SPD) and
+        parts: ``(blocks, slots)`` pairs (the block size may differ between parts):
+            per-Gaussian blocks of the system matrix (SPD) and
             the flat indices of each block's entries; the parts' slots do not overlap.
         diag: the system's full diagonal; entries outside every block (the pose group) use it
             as a plain Jacobi preconditioner.
