@@ -97,8 +97,8 @@ def run_demo(kind: Kind = "pose_free", *, out: str | Path = "outputs/demo", step
     from .data.embedded import EmbeddedDataset
     from .evaluation.eval_cli import evaluate, load_embedded_examples, save_grid, save_steps_plot
     from .evaluation.metrics import lpips_available
-    from .evaluation.plots import lambda_per_pixel, save_lambda_map
-    from .training import forward_model, prepare_batch, train, tto_config
+    from .evaluation.plots import save_predicted_lambda_map
+    from .training import train, tto_config
     from .uncertainty import UncertaintyHead
 
     steps = DEFAULT_STEPS[kind] if steps is None else steps
@@ -148,19 +148,9 @@ def run_demo(kind: Kind = "pose_free", *, out: str | Path = "outputs/demo", step
                     f"{eval_scenes} held-out embedded scenes, {image_size}x{image_size}")
 
     # Lambda map of the first held-out scene (the Diff3R model's head, before any TTO).
-    batch = prepare_batch(diff, examples[0])
-    with torch.no_grad():
-        pred = forward_model(diff, head, batch, tto=False, lambda_mode="predicted", config=cfg)
-    ctx = batch["context"]["image"][0]
-    maps = lambda_per_pixel(pred.lam[0], pred.theta0.layout, ctx.shape[0], *ctx.shape[-2:])
-    lam_groups = {g: float(m.log().mean().exp()) for g, m in maps.items()}
-    pose_note = ""
-    if pred.theta0.layout.num_pose_views:
-        pose = pred.theta0.layout.split(pred.lam.detach())["pose"]
-        lam_groups["pose"] = float(pose.log().mean().exp())
-        pose_note = f"; Λ pose {lam_groups['pose']:.3g}"
-    save_lambda_map(ctx, maps, files["lambda_map"],
-                    f"predicted Λ per Gaussian (one per context pixel), held-out scene 0{pose_note}")
+    lam_groups = save_predicted_lambda_map(
+        diff, head, examples[0], cfg, files["lambda_map"],
+        "predicted Λ per Gaussian (one per context pixel), held-out scene 0")
 
     ok, reason = lpips_available()
     table = {m: {"psnr": res["metrics"][m]["psnr"], "ssim": res["metrics"][m]["ssim"],

@@ -13,7 +13,8 @@ Protocol (defaults; ``--quick`` shrinks every count for CI):
 2. **Outer steps** ``N``: the zero-shot baseline of the first seed is trained with its
    zero-shot PSNR on the validation scenes measured every ``val_every`` steps; training stops
    after ``patience`` evaluations without improvement (or at ``max_steps``) and ``N`` is the
-   best step. The curve is written as ``training_curve.png``.
+   best step. The curve is written as ``training_curve.png``; the first seed's predicted Λ
+   on the first window of each split as ``lambda_map_<split>.png``, beside ``grid_<split>.png``.
 3. **Models per seed** (same data, same ``N`` outer steps, same optimizer): the baseline trains
    ``N`` steps without the layer. Training through the layer is ~5-10x slower per step on CPU,
    so Diff3R is the baseline's snapshot after ``N - n_ft`` steps fine-tuned for the last
@@ -57,6 +58,7 @@ import torch
 from .eval_cli import (ALL_METHODS, METHODS, NAIVE_LAMBDA, evaluate, load_embedded_examples,
                        load_real_windows, save_checkpoint, save_grid, save_steps_plot)
 from .metrics import lpips_available
+from .plots import save_predicted_lambda_map
 from .stats import paired_bootstrap
 
 __all__ = ["add_arguments", "run", "run_experiment", "default_data_dir", "peak_step_memory_mb",
@@ -457,6 +459,11 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             per_seed[split].append(res)
             if k == 0:
                 first_eval[split] = res
+                if out_dir:  # the first seed's Diff3R head on the split's first window
+                    path = out_dir / f"lambda_map_{split}.png"
+                    save_predicted_lambda_map(*models["diff3r"], examples[0], eval_cfg, path,
+                                              f"predicted Λ, seed {s}, {split} window 0")
+                    files.append(str(path))
         timings[f"eval_seed{s}"] = time.perf_counter() - t
         note(f"seed {s}: trained in {timings[f'train_seed{s}']:.0f} s, evaluated in "
              f"{timings[f'eval_seed{s}']:.0f} s")

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import InvalidLambdaError, ShapeError
 from ..gaussians.layout import GaussianLayout
 
-__all__ = ["lambda_per_pixel", "save_lambda_map"]
+__all__ = ["lambda_per_pixel", "save_lambda_map", "save_predicted_lambda_map"]
 
 # Groups drawn (pose is one Lambda per pose view, not per pixel; it goes in the title).
 MAP_GROUPS = ("means", "log_scales", "quats", "opacity_logits", "sh_dc", "sh_rest")
@@ -97,3 +97,27 @@ def save_lambda_map(context: Float[Tensor, "view 3 height width"],
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_predicted_lambda_map(encoder, head, example: dict, config, path: str | Path,
+                              title: str) -> dict[str, float]:
+    """Predict ``theta0`` and Lambda for ``example`` (no TTO) and write its Lambda map beside
+    the context images (:func:`save_lambda_map`).
+
+    Returns the geometric mean of Lambda per group (``pose`` included for pose-free models,
+    whose pose deltas have no pixel and are given in the title instead).
+    """
+    from ..training import forward_model, prepare_batch
+
+    batch = prepare_batch(encoder, example)
+    with torch.no_grad():
+        pred = forward_model(encoder, head, batch, tto=False, lambda_mode="predicted", config=config)
+    ctx = batch["context"]["image"][0]
+    maps = lambda_per_pixel(pred.lam[0], pred.theta0.layout, ctx.shape[0], *ctx.shape[-2:])
+    groups = {g: float(m.log().mean().exp()) for g, m in maps.items()}
+    if pred.theta0.layout.num_pose_views:
+        pose = pred.theta0.layout.split(pred.lam.detach())["pose"]
+        groups["pose"] = float(pose.log().mean().exp())
+        title += f"; Λ pose {groups['pose']:.3g}"
+    save_lambda_map(ctx, maps, path, title)
+    return groups

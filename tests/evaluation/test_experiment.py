@@ -58,7 +58,10 @@ def test_quick_experiment_end_to_end(tmp_path):
     assert tr["validation_curve"]["best_step"] in tr["validation_curve"]["step"]
     assert _finite(res["total_minutes"]) and res["total_minutes"] > 0
     names = {Path(f).name for f in res["files"]}
-    assert {"training_curve.png", "grid_embedded.png", "psnr_vs_steps_embedded.png"} <= names
+    assert {"training_curve.png", "grid_embedded.png", "psnr_vs_steps_embedded.png",
+            "lambda_map_embedded.png"} <= names
+    if default_data_dir() is not None:
+        assert "lambda_map_real.png" in names
     for f in res["files"]:
         assert Path(f).is_file() and Path(f).stat().st_size > 0 and f.endswith(".png")
     saved = json.loads((tmp_path / "experiment.json").read_text())
