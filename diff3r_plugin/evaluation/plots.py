@@ -82,6 +82,8 @@ def save_lambda_map(context: Float[Tensor, "view 3 height width"],
                 axes[r][c].set_title(f"log10 Λ {name}", fontsize=7)
         cb = fig.colorbar(im, ax=[axes[r][c] for r in range(views)], fraction=0.046, pad=0.02)
         cb.ax.tick_params(labelsize=6)
+        # Plain tick values: an offset label ("-1.001") would be drawn over the next panel.
+        cb.ax.yaxis.get_major_formatter().set_useOffset(False)
     for r in range(views):
         axes[r][0].imshow(context[r].detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy(),
                           interpolation="nearest")
