@@ -7,8 +7,10 @@ through ``i``'s projected features in that view, ``f = [mean2d (2), conic (3), o
 
     J[(p, c), theta_i] = L[pair (p, i)] (3 x 9)  @  F[(view, i)] (9 x n_i)
 
-* ``F``: per (view, Gaussian) Jacobian of the projection, from one forward-mode JVP per
-  parameter slot (one slot of every Gaussian at once; the blocks do not overlap), the slots
+* ``F``: per (view, Gaussian) Jacobian of the projection: the geometry columns (means,
+  log-scales, quaternion) in closed form (:mod:`.projection_jacobian`), the opacity and SH
+  columns in closed form too and kept factored for the products (:class:`Appearance`), the
+  pose columns from one forward-mode JVP per pose slot (one slot of every view at once),
   batched through ``torch.func.vmap``.
 * ``L``: per pair, in closed form from the compositing rule
   ``C = bg + sum_i w_i (c_i - bg)`` with ``w_i = k_i alpha_i T_i``:
@@ -20,8 +22,11 @@ through ``i``'s projected features in that view, ``f = [mean2d (2), conic (3), o
 
 Products ``J p`` and ``J^T u`` are then gathers and scatter-adds over pairs (no pass through
 the renderer), and ``diag(J^T W J)`` and the per-Gaussian blocks of ``J^T W J`` are exact.
-Everything is built from differentiable torch operations, so with ``theta`` on an autograd
-graph the products stay differentiable with respect to the linearization point.
+On the CPU the passes over the pairs run as compiled kernels (``render/csrc/pair_jacobian.cpp``:
+the factors, ``J p``, ``J^T u``, a fused ``J^T W J p``, the moments of the blocks). The PyTorch
+path computes the same from differentiable operations; it runs wherever a value must stay on an
+autograd graph (``theta`` on a graph: the products stay differentiable with respect to the
+linearization point), in forward mode and off the CPU.
 """
 
 from dataclasses import dataclass
