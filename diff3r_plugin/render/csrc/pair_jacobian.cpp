@@ -38,21 +38,31 @@ inline int64_t pixel_aligned(const int64_t* pix, int64_t k, int64_t n) {
   return k;
 }
 
-// Runs body(lo, hi, slot) over the pairs in parallel; slot indexes a per-thread buffer.
+// How many chunks the pairs are split into: one per thread, none smaller than kGrain pairs.
+inline int64_t num_chunks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+}
+
+// Runs body(lo, hi, chunk) once for each of `chunks` contiguous pieces of the pairs, in
+// parallel. A chunk index (not a thread id) names the buffer a piece writes to, so no two tasks
+// ever share one, whatever thread runs them (also inside an enclosing parallel region).
 template <typename F>
-void parallel_pairs(int64_t n, const int64_t* pix, bool align, F body) {
-  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    if (align) {
-      lo = pixel_aligned(pix, lo, n);
-      hi = pixel_aligned(pix, hi, n);
+void parallel_pairs(int64_t n, const int64_t* pix, bool align, int64_t chunks, F body) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
+      if (align) {
+        lo = pixel_aligned(pix, lo, n);
+        hi = pixel_aligned(pix, hi, n);
+      }
+      if (lo < hi) body(lo, hi, c);
     }
-    if (lo < hi) body(lo, hi, at::get_thread_num());
   });
 }
 
-// The per-thread buffers of a Gaussian-side sum, summed: [rows, cols].
-torch::Tensor per_thread_buffers(int64_t rows, int64_t cols, const torch::TensorOptions& options) {
-  return torch::zeros({at::get_num_threads(), rows, cols}, options);
+// One buffer per chunk of a Gaussian-side sum: [chunks, rows, cols], summed by the caller.
+torch::Tensor chunk_buffers(int64_t chunks, int64_t rows, int64_t cols, const torch::TensorOptions& options) {
+  return torch::zeros({chunks, rows, cols}, options);
 }
 
 // Per-pair factors at one linearization point, and the composited colour.
@@ -81,7 +91,7 @@ std::vector<torch::Tensor> build_impl(const torch::Tensor& feats, const torch::T
     col[3 * q] = b[0]; col[3 * q + 1] = b[1]; col[3 * q + 2] = b[2];
   }
   const T amax = T(kAlphaMax), tmin = T(kTMin);
-  parallel_pairs(n, pix, true, [&](int64_t lo, int64_t hi, int) {
+  parallel_pairs(n, pix, true, num_chunks(n), [&](int64_t lo, int64_t hi, int64_t) {
   std::vector<double> trans, alphas;
   int64_t i = lo;
   while (i < hi) {
@@ -147,7 +157,7 @@ torch::Tensor jvp_impl(const torch::Tensor& q, const torch::Tensor& gid, const t
   const int64_t n = gid.numel();
   auto img = torch::zeros({num_pixels, 3}, q.options());
   T* out = img.data_ptr<T>();
-  parallel_pairs(n, pix, true, [&](int64_t lo, int64_t hi, int) {
+  parallel_pairs(n, pix, true, num_chunks(n), [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t k = lo; k < hi; ++k) {
       const T w = wt[k];
       const T* d = da + 6 * k;
@@ -173,9 +183,10 @@ torch::Tensor vjp_impl(const torch::Tensor& u, const torch::Tensor& gid, const t
   const T* da = d_alpha.data_ptr<T>();
   const T* wt = weight.data_ptr<T>();
   const int64_t n = gid.numel();
-  auto buf = per_thread_buffers(num_rows, kF, u.options());
+  const int64_t chunks = num_chunks(n);
+  auto buf = chunk_buffers(chunks, num_rows, kF, u.options());
   T* base = buf.data_ptr<T>();
-  parallel_pairs(n, pix, false, [&](int64_t lo, int64_t hi, int slot) {
+  parallel_pairs(n, pix, false, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
     T* out = base + slot * num_rows * kF;
     for (int64_t k = lo; k < hi; ++k) {
       const T w = wt[k];
@@ -206,9 +217,10 @@ torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const to
   const T* wt = weight.data_ptr<T>();
   const T* ws = wsq ? wsq->data_ptr<T>() : nullptr;
   const int64_t n = gid.numel();
-  auto buf = per_thread_buffers(num_rows, kF, q.options());
+  const int64_t chunks = num_chunks(n);
+  auto buf = chunk_buffers(chunks, num_rows, kF, q.options());
   T* base = buf.data_ptr<T>();
-  parallel_pairs(n, pix, true, [&](int64_t lo, int64_t hi, int slot) {
+  parallel_pairs(n, pix, true, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
     T* out = base + slot * num_rows * kF;
     int64_t i = lo;
     while (i < hi) {
@@ -252,9 +264,10 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
   const T* wt = weight.data_ptr<T>();
   const T* sw = sqrt_w ? sqrt_w->data_ptr<T>() : nullptr;
   const int64_t n = gid.numel();
-  auto buf = per_thread_buffers(num_rows, 57, g_alpha.options());
+  const int64_t chunks = num_chunks(n);
+  auto buf = chunk_buffers(chunks, num_rows, 57, g_alpha.options());
   T* base = buf.data_ptr<T>();
-  parallel_pairs(n, pix, false, [&](int64_t lo, int64_t hi, int slot) {
+  parallel_pairs(n, pix, false, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
   T* out = base + slot * num_rows * 57;
   for (int64_t k = lo; k < hi; ++k) {
     T G[3], ws[3];
