@@ -389,3 +389,23 @@ def test_closed_form_geometry_columns_equal_forward_mode(sh_degree, sh_basis, po
     got = jac.feat_jac[:, :, :GEOMETRY_SLOTS]
     assert float(ref.abs().max()) > 0
     assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+
+
+@needs_native
+def test_compiled_kernels_refuse_inconsistent_pair_arrays():
+    """The kernels index raw memory: arrays that do not belong together are refused by name."""
+    mod = native.usable(torch.zeros(1))
+    p = 5
+    gid = torch.zeros(p, dtype=torch.long)
+    pixel = torch.arange(p)
+    g_alpha, d_alpha, weight = torch.zeros(p, 3), torch.zeros(p, 6), torch.zeros(p)
+    q = torch.zeros(4, 9)
+    mod.pj_jvp(q, gid, pixel, g_alpha, d_alpha, weight, p)  # consistent: fine
+    with pytest.raises(RuntimeError, match="d_alpha"):
+        mod.pj_jvp(q, gid, pixel, g_alpha, torch.zeros(p - 1, 6), weight, p)
+    with pytest.raises(RuntimeError, match="int64"):
+        mod.pj_vjp(torch.zeros(p, 3), gid.int(), pixel, g_alpha, d_alpha, weight, 4)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        mod.pj_moments(gid, pixel, g_alpha, d_alpha.double(), weight, None, 4)
+    with pytest.raises(RuntimeError, match="q must be"):
+        mod.pj_gauss_newton(torch.zeros(4, 8), gid, pixel, g_alpha, d_alpha, weight, None, 4)

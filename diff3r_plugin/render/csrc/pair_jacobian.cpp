@@ -31,6 +31,21 @@ void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
 }
 
+// The per-pair arrays of one linearization: P pairs, int64 indices, factors of one dtype.
+void check_pairs(const torch::Tensor& gid, const torch::Tensor& pixel, const torch::Tensor& g_alpha,
+                 const torch::Tensor& d_alpha, const torch::Tensor& weight) {
+  check(gid, "gid"); check(pixel, "pixel"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha");
+  check(weight, "weight");
+  const int64_t n = gid.numel();
+  TORCH_CHECK(gid.scalar_type() == torch::kInt64 && pixel.scalar_type() == torch::kInt64 && pixel.numel() == n,
+              "gid and pixel must be int64 [P]");
+  TORCH_CHECK(g_alpha.dim() == 2 && g_alpha.size(0) == n && g_alpha.size(1) == 3 && d_alpha.dim() == 2 &&
+              d_alpha.size(0) == n && d_alpha.size(1) == 6 && weight.numel() == n,
+              "g_alpha [P, 3], d_alpha [P, 6] and weight [P] must match the P pairs");
+  TORCH_CHECK(d_alpha.scalar_type() == g_alpha.scalar_type() && weight.scalar_type() == g_alpha.scalar_type(),
+              "the pair factors must share one dtype");
+}
+
 // Moves a chunk boundary of the pair range to the start of a pixel's list, so that parallel
 // chunks own whole pixels (both neighbours of a boundary move it to the same place).
 inline int64_t pixel_aligned(const int64_t* pix, int64_t k, int64_t n) {
@@ -377,7 +392,8 @@ std::vector<torch::Tensor> pj_build(torch::Tensor feats, torch::Tensor gid, torc
 
 torch::Tensor pj_jvp(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                      torch::Tensor d_alpha, torch::Tensor weight, int64_t num_pixels) {
-  check(q, "q"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  check(q, "q"); check_pairs(gid, pixel, g_alpha, d_alpha, weight);
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == kF && q.scalar_type() == g_alpha.scalar_type(), "q must be [N, 9]");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "diff3r_pj_jvp", [&] {
     out = jvp_impl<scalar_t>(q, gid, pixel, g_alpha, d_alpha, weight, num_pixels);
@@ -387,7 +403,8 @@ torch::Tensor pj_jvp(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, to
 
 torch::Tensor pj_vjp(torch::Tensor u, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                      torch::Tensor d_alpha, torch::Tensor weight, int64_t num_rows) {
-  check(u, "u"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  check(u, "u"); check_pairs(gid, pixel, g_alpha, d_alpha, weight);
+  TORCH_CHECK(u.dim() == 2 && u.size(1) == 3 && u.scalar_type() == g_alpha.scalar_type(), "u must be [pixels, 3]");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "diff3r_pj_vjp", [&] {
     out = vjp_impl<scalar_t>(u, gid, pixel, g_alpha, d_alpha, weight, num_rows);
@@ -398,7 +415,8 @@ torch::Tensor pj_vjp(torch::Tensor u, torch::Tensor gid, torch::Tensor pixel, to
 torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                               torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> wsq,
                               int64_t num_rows) {
-  check(q, "q"); check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  check(q, "q"); check_pairs(gid, pixel, g_alpha, d_alpha, weight);
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == kF && q.scalar_type() == g_alpha.scalar_type(), "q must be [N, 9]");
   if (wsq) check(*wsq, "wsq");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "diff3r_pj_gauss_newton", [&] {
@@ -410,7 +428,7 @@ torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor 
 torch::Tensor pj_moments(torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                          torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> sqrt_w,
                          int64_t num_rows) {
-  check(g_alpha, "g_alpha"); check(d_alpha, "d_alpha"); check(weight, "weight");
+  check_pairs(gid, pixel, g_alpha, d_alpha, weight);
   if (sqrt_w) check(*sqrt_w, "sqrt_w");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(g_alpha.scalar_type(), "diff3r_pj_moments", [&] {
