@@ -331,10 +331,6 @@ def plot(result: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    a = parser.parse_args()
-    if a.worker:
-        print(json.dumps(worker(a)))
-    else:
-        print(json.dumps(run(a), indent=2))
+    from .timing import bench_main
+
+    bench_main(add_arguments, run, worker)

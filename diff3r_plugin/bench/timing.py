@@ -89,3 +89,15 @@ def low_mmap_env() -> dict[str, str]:
     if "glibc.malloc.hugetlb" not in tunables:
         env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, "glibc.malloc.hugetlb=1") if t)
     return env
+
+
+def bench_main(add_arguments: Callable, run: Callable, worker: Callable) -> None:
+    """``python -m diff3r_plugin.bench.<name>``: the bench's own worker processes (``--worker``,
+    one JSON line for the parent) or one run (indented JSON)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    a = parser.parse_args()
+    print(json.dumps(worker(a)) if a.worker else json.dumps(run(a), indent=2))

@@ -5,7 +5,8 @@ of the projected features ``f = [mean2d (2), conic (3), opacity, colour (3)]`` w
 the Gaussian's mean ``mu``, log-scales ``l`` and quaternion ``q``: ``[N, 9, 10]``. These are the
 derivatives of :func:`diff3r_plugin.render.common.project` (EWA splatting), written out so that
 they cost a few dozen elementwise passes instead of ten forward-mode passes through the
-projection. With ``p = R mu + t`` in camera space, ``u = x / z``, ``v = y / z``:
+projection; the forward quantities they need come from the projection's own
+:func:`~diff3r_plugin.render.common.ewa_terms` and ``view_directions``. With ``p = R mu + t`` in camera space, ``u = x / z``, ``v = y / z``:
 
 * ``mean2d = (f_x u + c_x, f_y v + c_y)``: ``du/dmu = (R_0 - u R_2) / z``, ``dv/dmu = (R_1 - v R_2) / z``.
 * the 2D covariance ``(a, b, c)`` of ``M Sigma M^T + 0.3 I`` with the rows
@@ -29,9 +30,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..geometry.cameras import focal_pixels, get_fov, invert_rigid
+from ..gaussians.layout import build_covariance
 from ..geometry.sh import MAX_RENDER_DEGREE, SHBasis, degree_from_coeffs, sh_basis_values
-from ..render.common import DILATION, FOV_CLAMP, NEAR_CULL_FACTOR
+from ..render.common import ewa_terms, view_directions
 
 GEOMETRY_SLOTS = 10  # means (3), log-scales (3), quaternion (4)
 
@@ -86,55 +87,39 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
                      color: Float[Tensor, "row 3"]) -> Float[Tensor, "row 9 10"]:
     """``df / d(mu, l, q)`` for every (view, Gaussian), rows ordered ``(batch, view, gaussian)``.
 
-    ``color``: the projected colours (their zeros are where the clamp at 0 cuts the derivative).
+    ``extrinsics``: the (pose-adjusted) cameras the features were projected with; ``color``:
+    the projected colours (their zeros are where the clamp at 0 cuts the derivative).
     """
     b, g = means.shape[:2]
     v = extrinsics.shape[1]
-    h, w = image_shape
-    w2c = invert_rigid(extrinsics)
-    rot, trans = w2c[..., :3, :3], w2c[..., :3, 3]
-    p_cam = torch.einsum("bvij,bgj->bvgi", rot, means) + trans[:, :, None, :]
-    x, y, z = p_cam.unbind(-1)  # [b, v, g]
-    focal = focal_pixels(intrinsics, image_shape)
-    fx, fy = focal[..., 0:1], focal[..., 1:2]  # [b, v, 1]
-    tan_half = (0.5 * get_fov(intrinsics)).tan()
-    lim_x, lim_y = FOV_CLAMP * tan_half[..., 0:1], FOV_CLAMP * tan_half[..., 1:2]
-    valid = (z > NEAR_CULL_FACTOR * near[..., None]).detach()
-    vf = valid.to(means.dtype)
-    zs = torch.where(valid, z, torch.ones_like(z))
-    u, t = x / zs, y / zs
-    uc = torch.maximum(torch.minimum(u, lim_x), -lim_x)
-    tc = torch.maximum(torch.minimum(t, lim_y), -lim_y)
-    free_u = ((u < lim_x) & (u > -lim_x)).to(means.dtype)
-    free_t = ((t < lim_y) & (t > -lim_y)).to(means.dtype)
+    e = ewa_terms(means, build_covariance(log_scales, quats), extrinsics, intrinsics, near, image_shape)
+    dtype = means.dtype
+    vf = e.valid.to(dtype)
+    zs, u, t = e.zs, e.u, e.t
+    free_u = ((u < e.lim_x) & (u > -e.lim_x)).to(dtype)
+    free_t = ((t < e.lim_y) & (t > -e.lim_y)).to(dtype)
+    fx, fy = e.fx, e.fy
 
-    r0, r1, r2 = rot[:, :, None, 0], rot[:, :, None, 1], rot[:, :, None, 2]  # [b, v, 1, 3]
+    r0, r1, r2 = e.rot[:, :, None, 0], e.rot[:, :, None, 1], e.rot[:, :, None, 2]  # [b, v, 1, 3]
     dz = vf[..., None] * r2  # dz / dmu (a constant stand-in for culled Gaussians)
     du = (r0 - u[..., None] * dz) / zs[..., None]  # [b, v, g, 3]
     dt = (r1 - t[..., None] * dz) / zs[..., None]
     d_mean2d = torch.stack([fx[..., None] * du, fy[..., None] * dt], -2)  # [b, v, g, 2, 3]
 
-    # Rows of M = J W and their derivatives along each mean coordinate.
-    e0 = r0 - uc[..., None] * r2
-    e1 = r1 - tc[..., None] * r2
-    m0 = (fx / zs)[..., None] * e0
-    m1 = (fy / zs)[..., None] * e1
+    # Derivatives of the rows m0 = fx e0 / z, m1 = fy e1 / z along each mean coordinate j.
+    e0 = r0 - e.uc[..., None] * r2
+    e1 = r1 - e.tc[..., None] * r2
     inv_z2 = (1 / (zs * zs))[..., None, None]
     # dm0[..., j, :] = d m0 / d mu_j
     dm0 = fx[..., None, None] * (-inv_z2 * dz[..., :, None] * e0[..., None, :]
                                  - ((free_u[..., None] * du) / zs[..., None])[..., :, None] * r2[..., None, :])
     dm1 = fy[..., None, None] * (-inv_z2 * dz[..., :, None] * e1[..., None, :]
                                  - ((free_t[..., None] * dt) / zs[..., None])[..., :, None] * r2[..., None, :])
+    m0, m1, t0, t1 = e.m0, e.m1, e.t0, e.t1
+    a, bb, c = e.a, e.bb, e.c
 
     rq, drq = _rotation_derivatives(quats)  # [b, g, 3, 3], [b, g, 4, 3, 3]
     s2 = (2 * log_scales).exp()  # [b, g, 3]
-    sigma = (rq * s2[..., None, :]) @ rq.transpose(-1, -2)
-    sig = sigma[:, None]  # [b, 1, g, 3, 3]
-    t0 = (sig * m0[..., None, :]).sum(-1)  # Sigma m0^T
-    t1 = (sig * m1[..., None, :]).sum(-1)
-    a = (m0 * t0).sum(-1) + DILATION
-    bb = (m0 * t1).sum(-1)
-    c = (m1 * t1).sum(-1) + DILATION
 
     # (da, db, dc) along the means [b, v, g, 3 (coord)], ...
     da_mu = 2 * (dm0 * t0[..., None, :]).sum(-1)
@@ -156,10 +141,10 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
                          torch.cat([dc_mu, dc_l, dc_q], -1)], -2)  # [b, v, g, 3, 10]
 
     det = a * c - bb * bb
-    ok = (valid & (det > 0).detach())
+    ok = (e.valid & (det > 0).detach())
     dets = torch.where(ok, det, torch.ones_like(det))
     da, db, dc = d_abc.unbind(-2)
-    ddet = ok.to(means.dtype)[..., None] * (da * c[..., None] + a[..., None] * dc - 2 * bb[..., None] * db)
+    ddet = ok.to(dtype)[..., None] * (da * c[..., None] + a[..., None] * dc - 2 * bb[..., None] * db)
     inv2 = (1 / (dets * dets))[..., None]
     d_conic = torch.stack([(dc * dets[..., None] - c[..., None] * ddet) * inv2,
                            -(db * dets[..., None] - bb[..., None] * ddet) * inv2,
@@ -174,13 +159,10 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
     degree = min(degree_from_coeffs(d_sh), MAX_RENDER_DEGREE)
     if degree > 0:
         k = (degree + 1) ** 2
-        campos = extrinsics[..., :3, 3]
-        rel = means[:, None] - campos[:, :, None]  # [b, v, g, 3]
-        dist = rel.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        dirs = rel / dist
+        dirs, dist = view_directions(means, extrinsics)  # [b, v, g, 3], [b, v, g, 1]
         grad_y = _sh_direction_gradient(dirs, degree, sh_basis)  # [b, v, g, k, 3]
         gd = torch.einsum("bgcj,bvgjd->bvgcd", harmonics[..., :k], grad_y)  # [b, v, g, 3 (rgb), 3]
         proj = gd - (gd * dirs[..., None, :]).sum(-1, keepdim=True) * dirs[..., None, :]
-        lit = (color.reshape(b, v, g, 3) > 0).detach().to(means.dtype)
+        lit = (color.reshape(b, v, g, 3) > 0).detach().to(dtype)
         cols[..., 6:9, 0:3] = lit[..., None] * proj / dist[..., None]
     return cols.reshape(n, 9, GEOMETRY_SLOTS)

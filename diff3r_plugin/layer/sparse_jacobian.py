@@ -37,7 +37,7 @@ from torch import Tensor
 from ..gaussians.layout import GaussianLayout, GaussianParams
 from ..render import native
 from ..render.api import pose_adjusted_extrinsics
-from ..render.common import ALPHA_MAX, _broadcast_background, project
+from ..render.common import ALPHA_MAX, _broadcast_background, project, view_directions
 from ..render.torch_backend import PairPlan, _pair_power, pair_transmittance
 from .projection_jacobian import GEOMETRY_SLOTS, geometry_columns
 from .views import ContextViews
@@ -78,19 +78,14 @@ def gaussian_slots(layout: GaussianLayout, device=None) -> Tensor:
 
 
 def _features(theta: Tensor, layout: GaussianLayout, views: ContextViews):
+    """``[N, 9]`` projected features of ``theta``, with its parameters and the pose-adjusted
+    cameras they were projected with."""
     params = GaussianParams.unflatten(theta, layout)
     extr = pose_adjusted_extrinsics(params, views.extrinsics)
     proj = project(params.means, params.covariances(), params.harmonics, params.opacities(), extr,
                    views.intrinsics, views.near, views.image_shape, views.sh_basis)
     feats = torch.cat([proj.mean2d, proj.conic, proj.opacity[:, None], proj.color], 1)
-    return feats, proj
-
-
-def _geometry_slots(layout: GaussianLayout) -> int:
-    """How many leading slots of a Gaussian (means, log-scales, quaternions) move its
-    projection; the rest (opacity logit, SH) only change its opacity and colour."""
-    g = max(layout.num_gaussians, 1)
-    return sum(layout.group_numel(k) // g for k in ("means", "log_scales", "quats") if k in layout.slices)
+    return feats, params, extr
 
 
 @dataclass
@@ -125,7 +120,7 @@ class Appearance:
         return torch.cat([(self.opacity * ct[:, 5])[:, None], sh[:, :, 0], sh[:, :, 1:].reshape(n, -1)], 1)
 
 
-def _appearance(theta: Tensor, layout: GaussianLayout, views: ContextViews, feats: Tensor) -> Appearance:
+def _appearance(params: GaussianParams, extrinsics: Tensor, views: ContextViews, feats: Tensor) -> Appearance:
     """The columns of ``F`` for the opacity logit and the SH coefficients.
 
     With ``o = sigmoid(l)`` and colour ``c_k = max(0, sum_j sh_kj Y_j(d) + 0.5)`` per channel
@@ -140,7 +135,6 @@ def _appearance(theta: Tensor, layout: GaussianLayout, views: ContextViews, feat
     """
     from ..geometry.sh import C0, MAX_RENDER_DEGREE, degree_from_coeffs, sh_basis_values
 
-    params = GaussianParams.unflatten(theta, layout)
     b, g = params.means.shape[:2]
     v = views.num_views
     n = b * v * g
@@ -149,9 +143,7 @@ def _appearance(theta: Tensor, layout: GaussianLayout, views: ContextViews, feat
     lit = (feats[:, 6:9] > 0).detach().to(feats.dtype)  # where the colour is not clamped at 0
     degree = min(degree_from_coeffs(d_sh), MAX_RENDER_DEGREE)
     if degree > 0:
-        extr = pose_adjusted_extrinsics(params, views.extrinsics)
-        dirs = params.means[:, None] - extr[..., :3, 3][:, :, None]
-        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        dirs, _ = view_directions(params.means, extrinsics)
         basis = sh_basis_values(dirs, degree, views.sh_basis).reshape(n, -1)  # [N, (degree + 1)^2]
     else:
         basis = feats.new_full((n, 1), C0)
@@ -208,7 +200,8 @@ class SparseJacobian:
     residual: Tensor  # [b, m] weighted residual at theta
     geo_jac: Tensor | None = None  # [N, 9, n_geo]: the geometry columns of feat_jac
     appearance: Appearance | None = None  # the other columns, factored (products use these)
-    _moments: tuple | None = None  # (chunk, feature_moments) once computed
+    _moments: Tensor | None = None  # feature_moments, once computed (chunking only bounds memory)
+    _wsq: Tensor | None = None  # sqrt_w^2, contiguous, once computed (every fused product reads it)
 
     # -- construction ------------------------------------------------------------------
 
@@ -220,7 +213,7 @@ class SparseJacobian:
         h, w = views.image_shape
         device, dtype = theta.device, theta.dtype
         slots = gaussian_slots(layout, device)
-        feats, proj = _features(theta, layout, views)
+        feats, params, extr = _features(theta, layout, views)
 
         # F: the geometry and appearance columns in closed form (.projection_jacobian,
         # _appearance); the pose columns by one JVP of the projection per pose slot (a slot of
@@ -236,16 +229,13 @@ class SparseJacobian:
             return out.movedim(0, -1)
 
         n_i = slots.shape[1]
-        n_geo = _geometry_slots(layout)
-        if n_geo == GEOMETRY_SLOTS:
-            params = GaussianParams.unflatten(theta, layout)
-            geo = geometry_columns(params.means, params.log_scales, params.quats, params.harmonics,
-                                   pose_adjusted_extrinsics(params, views.extrinsics), views.intrinsics,
-                                   views.near, views.image_shape, views.sh_basis, feats[:, 6:9])
+        if n_i == 0:  # no Gaussians: no columns
+            geo = feats.new_zeros(feats.shape[0], NUM_FEATURES, 0)
         else:
-            geo = (columns([slots[:, s] for s in range(n_geo)]) if n_geo
-                   else feats.new_zeros(feats.shape[0], NUM_FEATURES, 0))
-        app = _appearance(theta, layout, views, feats) if n_i > n_geo else None
+            geo = geometry_columns(params.means, params.log_scales, params.quats, params.harmonics, extr,
+                                   views.intrinsics, views.near, views.image_shape, views.sh_basis,
+                                   feats[:, 6:9])
+        app = _appearance(params, extr, views, feats) if n_i > GEOMETRY_SLOTS else None
         feat_jac = torch.cat([geo, app.columns()], 2) if app is not None else geo
         pose_jac = None
         p_views = layout.num_pose_views
@@ -371,7 +361,9 @@ class SparseJacobian:
         mod = _compiled(q, *self._pair_tensors())
         if mod is None:
             return self.vjp(self.jvp(p))
-        wsq = None if self.sqrt_w is None else (self.sqrt_w * self.sqrt_w).contiguous()
+        if self.sqrt_w is not None and self._wsq is None:
+            self._wsq = (self.sqrt_w * self.sqrt_w).contiguous()
+        wsq = self._wsq
         b, v = self._shape[:2]
         ct = mod.pj_gauss_newton(q.contiguous(), _index(self.plan.gaussian), _index(self.plan.pixel),
                                  *self._pair_tensors(), wsq, b * v * self.layout.num_gaussians)
@@ -410,10 +402,9 @@ class SparseJacobian:
         which is formed from per-pair vectors by broadcasting (many tiny 9 x 3 matrix
         products are several times slower on a CPU).
         """
-        if self._moments is not None and self._moments[0] == chunk:
-            return self._moments[1]
-        self._moments = (chunk, self._feature_moments(chunk))
-        return self._moments[1]
+        if self._moments is None:
+            self._moments = self._feature_moments(chunk)
+        return self._moments
 
     def _feature_moments(self, chunk: int) -> Tensor:
         n = self.feat_jac.shape[0]
@@ -463,7 +454,7 @@ class SparseJacobian:
         """
         device = self.slots.device
         n_i = self.slots.shape[1]
-        n_main = min(n_i, _geometry_slots(self.layout) + 4)  # + opacity + DC (3)
+        n_main = min(n_i, GEOMETRY_SLOTS + 4)  # + opacity + DC (3)
         d_rest = (n_i - n_main) // 3
         parts = [(torch.arange(n_main, device=device), torch.arange(NUM_FEATURES, device=device))]
         if d_rest > 0:

@@ -145,22 +145,39 @@ def _broadcast_background(background: Tensor | None, b: int, v: int, like: Tenso
     raise ShapeError(f"background_color must be [3], [{b}, 3] or [{b}, {v}, 3], got {tuple(bg.shape)}")
 
 
-def project(
-    means: Float[Tensor, "batch gaussian 3"],
-    covariances: Float[Tensor, "batch gaussian 3 3"],
-    harmonics: Float[Tensor, "batch gaussian 3 d_sh"],
-    opacities: Float[Tensor, "batch gaussian"],
-    extrinsics: Float[Tensor, "batch view 4 4"],
-    intrinsics: Float[Tensor, "batch view 3 3"],
-    near: Float[Tensor, "batch view"],
-    image_shape: tuple[int, int],
-    sh_basis: SHBasis,
-    sh_degree: int | None = None,
-) -> Projection:
-    """EWA projection of every Gaussian into every view (see module docstring)."""
-    b, g = means.shape[:2]
-    v = extrinsics.shape[1]
-    h, w = image_shape
+@dataclass
+class EWATerms:
+    """The intermediates of the EWA projection, per ``[batch, view, gaussian]`` (what
+    :func:`project` returns is built from them; its derivative, the layer's
+    :mod:`~diff3r_plugin.layer.projection_jacobian`, reads them too)."""
+
+    rot: Tensor  # [b, v, 3, 3] world-to-camera rotation
+    x: Tensor  # [b, v, g] camera-space position
+    y: Tensor
+    z: Tensor
+    valid: Tensor  # [b, v, g] bool, in front of the near cull (not differentiable)
+    zs: Tensor  # z where valid, else 1 (a constant stand-in)
+    u: Tensor  # x / zs
+    t: Tensor  # y / zs
+    uc: Tensor  # u, t clamped to FOV_CLAMP tan(fov / 2)
+    tc: Tensor
+    lim_x: Tensor  # [b, v, 1] the clamp limits
+    lim_y: Tensor
+    fx: Tensor  # [b, v, 1] pixel focal lengths
+    fy: Tensor
+    m0: Tensor  # [b, v, g, 3] rows of M = J W
+    m1: Tensor
+    t0: Tensor  # [b, v, g, 3] Sigma m0^T, Sigma m1^T
+    t1: Tensor
+    a: Tensor  # [b, v, g] dilated 2D covariance [[a, bb], [bb, c]]
+    bb: Tensor
+    c: Tensor
+
+
+def ewa_terms(means: Float[Tensor, "batch gaussian 3"], covariances: Float[Tensor, "batch gaussian 3 3"],
+              extrinsics: Float[Tensor, "batch view 4 4"], intrinsics: Float[Tensor, "batch view 3 3"],
+              near: Float[Tensor, "batch view"], image_shape: tuple[int, int]) -> EWATerms:
+    """Camera-space positions, the clamped EWA Jacobian rows and the dilated 2D covariance."""
     w2c = invert_rigid(extrinsics)  # [b, v, 4, 4]
     rot, trans = w2c[..., :3, :3], w2c[..., :3, 3]
     p_cam = torch.einsum("bvij,bgj->bvgi", rot, means) + trans[:, :, None, :]
@@ -174,7 +191,6 @@ def project(
     z_safe = torch.where(valid, z, torch.ones_like(z))
     u = x / z_safe
     t = y / z_safe
-    mean2d = torch.stack([fx * u + (w - 1) / 2, fy * t + (h - 1) / 2], dim=-1)
 
     # EWA Jacobian with the view-space direction clamped as upstream does (keeps Gaussians
     # far outside the frustum from blowing up).
@@ -192,14 +208,45 @@ def project(
     a = (m0 * t0).sum(-1) + DILATION
     bb = (m0 * t1).sum(-1)
     c = (m1 * t1).sum(-1) + DILATION
+    return EWATerms(rot, x, y, z, valid, z_safe, u, t, uc, tc, lim_x, lim_y, fx, fy, m0, m1, t0, t1, a, bb, c)
+
+
+def view_directions(means: Float[Tensor, "batch gaussian 3"],
+                    extrinsics: Float[Tensor, "batch view 4 4"]) -> tuple[Tensor, Tensor]:
+    """Unit directions ``[b, v, g, 3]`` from each camera centre to each mean (the SH colour's
+    argument), and the distances ``[b, v, g, 1]`` (clamped away from 0)."""
+    campos = extrinsics[..., :3, 3]
+    rel = means[:, None] - campos[:, :, None]
+    dist = rel.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return rel / dist, dist
+
+
+def project(
+    means: Float[Tensor, "batch gaussian 3"],
+    covariances: Float[Tensor, "batch gaussian 3 3"],
+    harmonics: Float[Tensor, "batch gaussian 3 d_sh"],
+    opacities: Float[Tensor, "batch gaussian"],
+    extrinsics: Float[Tensor, "batch view 4 4"],
+    intrinsics: Float[Tensor, "batch view 3 3"],
+    near: Float[Tensor, "batch view"],
+    image_shape: tuple[int, int],
+    sh_basis: SHBasis,
+    sh_degree: int | None = None,
+) -> Projection:
+    """EWA projection of every Gaussian into every view (see module docstring)."""
+    b, g = means.shape[:2]
+    v = extrinsics.shape[1]
+    h, w = image_shape
+    e = ewa_terms(means, covariances, extrinsics, intrinsics, near, image_shape)
+    z = e.z
+    mean2d = torch.stack([e.fx * e.u + (w - 1) / 2, e.fy * e.t + (h - 1) / 2], dim=-1)
+    a, bb, c = e.a, e.bb, e.c
     det = a * c - bb * bb
-    valid = valid & (det > 0).detach()
+    valid = e.valid & (det > 0).detach()
     det_safe = torch.where(valid, det, torch.ones_like(det))
     conic = torch.stack([c / det_safe, -bb / det_safe, a / det_safe], dim=-1)
 
-    campos = extrinsics[..., :3, 3]
-    dirs = means[:, None] - campos[:, :, None]
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dirs, _ = view_directions(means, extrinsics)
     color = sh_to_rgb(harmonics[:, None].expand(b, v, g, 3, harmonics.shape[-1]), dirs, sh_basis, sh_degree)
     opacity = opacities[:, None].expand(b, v, g)
     valid = valid & (opacity > ALPHA_MIN).detach()

@@ -158,6 +158,22 @@ std::vector<torch::Tensor> build_impl(const torch::Tensor& feats, const torch::T
   return {g_alpha, d_alpha, weight, color};
 }
 
+// One pair's row block of J, dC/df = [g_alpha d_alpha^T | w I], applied to its Gaussian's
+// feature tangent q (adds to the pixel's 3 values) ...
+template <typename T>
+inline void add_pair_tangent(const T* q, const T* ga, const T* d, T w, T* out) {
+  const T s = d[0] * q[0] + d[1] * q[1] + d[2] * q[2] + d[3] * q[3] + d[4] * q[4] + d[5] * q[5];
+  for (int c = 0; c < 3; ++c) out[c] += ga[c] * s + w * q[6 + c];
+}
+
+// ... and transposed, to the pixel's cotangent u (adds to the Gaussian's 9 feature cotangents).
+template <typename T>
+inline void add_pair_cotangent(const T* u, const T* ga, const T* d, T w, T* out) {
+  const T s = ga[0] * u[0] + ga[1] * u[1] + ga[2] * u[2];
+  for (int j = 0; j < 6; ++j) out[j] += d[j] * s;
+  for (int c = 0; c < 3; ++c) out[6 + c] += w * u[c];
+}
+
 // J p at the pixels: img[pixel] += g_alpha (d_alpha . q[:6]) + w q[6:], q the feature tangents.
 template <typename T>
 torch::Tensor jvp_impl(const torch::Tensor& q, const torch::Tensor& gid, const torch::Tensor& pixel,
@@ -173,15 +189,8 @@ torch::Tensor jvp_impl(const torch::Tensor& q, const torch::Tensor& gid, const t
   auto img = torch::zeros({num_pixels, 3}, q.options());
   T* out = img.data_ptr<T>();
   parallel_pairs(n, pix, true, num_chunks(n), [&](int64_t lo, int64_t hi, int64_t) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const T w = wt[k];
-      const T* d = da + 6 * k;
-      if (w == T(0) && ga[3 * k] == T(0) && ga[3 * k + 1] == T(0) && ga[3 * k + 2] == T(0)) continue;
-      const T* a = qt + kF * g[k];
-      const T s = d[0] * a[0] + d[1] * a[1] + d[2] * a[2] + d[3] * a[3] + d[4] * a[4] + d[5] * a[5];
-      T* o = out + 3 * pix[k];
-      for (int c = 0; c < 3; ++c) o[c] += ga[3 * k + c] * s + w * a[6 + c];
-    }
+    for (int64_t k = lo; k < hi; ++k)
+      add_pair_tangent(qt + kF * g[k], ga + 3 * k, da + 6 * k, wt[k], out + 3 * pix[k]);
   });
   return img;
 }
@@ -203,17 +212,8 @@ torch::Tensor vjp_impl(const torch::Tensor& u, const torch::Tensor& gid, const t
   T* base = buf.data_ptr<T>();
   parallel_pairs(n, pix, false, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
     T* out = base + slot * num_rows * kF;
-    for (int64_t k = lo; k < hi; ++k) {
-      const T w = wt[k];
-      const T* gk = ga + 3 * k;
-      if (w == T(0) && gk[0] == T(0) && gk[1] == T(0) && gk[2] == T(0)) continue;
-      const T* v = up + 3 * pix[k];
-      const T s = gk[0] * v[0] + gk[1] * v[1] + gk[2] * v[2];
-      const T* d = da + 6 * k;
-      T* o = out + kF * g[k];
-      for (int j = 0; j < 6; ++j) o[j] += d[j] * s;
-      for (int c = 0; c < 3; ++c) o[6 + c] += w * v[c];
-    }
+    for (int64_t k = lo; k < hi; ++k)
+      add_pair_cotangent(up + 3 * pix[k], ga + 3 * k, da + 6 * k, wt[k], out + kF * g[k]);
   });
   return buf.size(0) == 1 ? buf[0] : buf.sum(0);
 }
@@ -243,22 +243,9 @@ torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const to
       int64_t end = i;
       while (end < hi && pix[end] == px) ++end;
       T u[3] = {0, 0, 0};
-      for (int64_t k = i; k < end; ++k) {
-        const T* a = qt + kF * g[k];
-        const T* d = da + 6 * k;
-        const T s = d[0] * a[0] + d[1] * a[1] + d[2] * a[2] + d[3] * a[3] + d[4] * a[4] + d[5] * a[5];
-        for (int c = 0; c < 3; ++c) u[c] += ga[3 * k + c] * s + wt[k] * a[6 + c];
-      }
+      for (int64_t k = i; k < end; ++k) add_pair_tangent(qt + kF * g[k], ga + 3 * k, da + 6 * k, wt[k], u);
       if (ws) for (int c = 0; c < 3; ++c) u[c] *= ws[3 * px + c];
-      for (int64_t k = i; k < end; ++k) {
-        const T w = wt[k];
-        const T* gk = ga + 3 * k;
-        const T s = gk[0] * u[0] + gk[1] * u[1] + gk[2] * u[2];
-        const T* d = da + 6 * k;
-        T* o = out + kF * g[k];
-        for (int j = 0; j < 6; ++j) o[j] += d[j] * s;
-        for (int c = 0; c < 3; ++c) o[6 + c] += w * u[c];
-      }
+      for (int64_t k = i; k < end; ++k) add_pair_cotangent(u, ga + 3 * k, da + 6 * k, wt[k], out + kF * g[k]);
       i = end;
     }
   });
