@@ -169,18 +169,33 @@ def _method_config(config, method, steps, method_overrides):
     return config.merge(over)
 
 
-def _render(models, method, batch, config, steps, method_overrides=None):
-    """Target renders ``[b, v, 3, h, w]``, ground truth, mean Lambda and the prediction."""
-    from ..training import forward_model, prepare_batch, render_targets
+def _render(models, method, batch, config, steps, method_overrides=None, record=()):
+    """Target renders ``[b, v, 3, h, w]``, ground truth, mean Lambda and the prediction.
+
+    ``record``: TTO step counts below ``steps`` whose target renders are also wanted; they are
+    read off the same solve (:func:`~diff3r_plugin.layer.inner.record_iterates`) and returned,
+    as ``{s: render}``, in the fifth element (Adam only; with another inner solver the dict is
+    empty and the caller solves those counts itself).
+    """
+    from ..layer.inner import record_iterates
+    from ..training import Prediction, forward_model, prepare_batch, render_targets
     which, tto, lam_mode = _SPEC[method]
     enc, head = models[which]
     cfg = _method_config(config, method, steps, method_overrides) if tto else config
     b = prepare_batch(enc, batch)
-    with torch.no_grad():
+    early = {}
+    with torch.no_grad(), record_iterates(record) as iterates:
         pred = forward_model(enc, head, b, tto=tto and steps > 0, lambda_mode=lam_mode, config=cfg)
         color = render_targets(pred, b).clamp(0, 1)
+        if tto and steps > 0:
+            from ..gaussians.layout import GaussianParams
+            for s, flat in iterates.items():
+                theta_s = GaussianParams.unflatten(flat.to(pred.theta0.means.dtype),
+                                                   pred.theta0.layout)
+                early[s] = render_targets(Prediction(pred.theta0, theta_s, pred.lam, pred.views),
+                                          b).clamp(0, 1)
     lam = float(pred.lam.mean()) if lam_mode == "predicted" else float(cfg.constant_lambda)
-    return color, b["target"]["image"], lam, pred
+    return color, b["target"]["image"], lam, pred, early
 
 
 def _overlap(pred) -> list:
@@ -234,7 +249,10 @@ def evaluate(models: dict, examples: list, config, *, methods=METHODS, steps_lis
             gts.append(batch["target"]["image"][i, 0])
             ctxs.append(batch["context"]["image"][i])
         for m in methods:
-            color, gt, lam, pred = _render(models, m, batch, config, config.steps, method_overrides)
+            # One solve gives the whole PSNR-vs-steps curve (Adam's iterates are prefixes).
+            record = [s for s in steps_list if 0 < s < config.steps] if m in curve else []
+            color, gt, lam, pred, early = _render(models, m, batch, config, config.steps,
+                                                  method_overrides, record)
             which, _, lam_mode = _SPEC[m]
             if lambda_overlap and lam_mode == "predicted" and which in overlap \
                     and len(overlap[which]) < len(gts):
@@ -256,7 +274,10 @@ def evaluate(models: dict, examples: list, config, *, methods=METHODS, steps_lis
                     if s == config.steps:
                         curve[m][s] += per[m]["psnr"][-n_ex:]
                         continue
-                    c, g, _, _ = _render(models, m, batch, config, s, method_overrides)
+                    if s in early:
+                        c, g = early[s], gt
+                    else:
+                        c, g, _, _, _ = _render(models, m, batch, config, s, method_overrides)
                     curve[m][s] += [float(compute_psnr(g[i], c[i]).mean()) for i in range(n_ex)]
 
     def mean(xs):

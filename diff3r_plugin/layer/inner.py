@@ -6,6 +6,8 @@ tolerance stops moving. With ``create_graph=True`` every step stays on the autog
 ``unroll`` reference backward); memory then grows with the number of steps.
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,29 @@ class InnerResult:
     nan_rollbacks: Tensor
     grad: Tensor | None = None  # [b, n] detached gradient of E at ``theta`` (where the solve ended)
     operator: "HessianOperator | None" = None  # the undamped operator at ``theta`` (sparse LM), for the backward
+
+
+# Requested Adam iterates, keyed by step count (see ``record_iterates``).
+_RECORD: ContextVar["tuple[frozenset[int], dict[int, Tensor]] | None"] = ContextVar(
+    "diff3r_record_iterates", default=None)
+
+
+@contextmanager
+def record_iterates(steps):
+    """Keep the Adam iterates ``theta_s`` for each ``s`` in ``steps`` of the solves inside.
+
+    Adam's iterate after ``s`` steps does not depend on how many steps follow (no schedule over
+    the horizon; a scene that stops early keeps its last iterate), so one ``max(steps)``-step
+    solve gives every point of a PSNR-vs-TTO-steps curve that separate ``s``-step solves would.
+    Yields a dict ``{s: theta_s}`` (detached ``[b, n]``, the layer's flat vectors), filled by the
+    last Adam solve run inside the block; ``s = 0`` is ``theta0``.
+    """
+    store: dict[int, Tensor] = {}
+    token = _RECORD.set((frozenset(int(s) for s in steps), store))
+    try:
+        yield store
+    finally:
+        _RECORD.reset(token)
 
 
 def _energy_and_grad(obj: Objective, theta: Tensor, theta0: Tensor, lam: Tensor, sqrt_w,
@@ -69,6 +94,11 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
     theta, e0, g = _energy_and_grad(obj, theta, theta0, lam, sqrt_w, create_graph)
     g0 = g.detach().norm(dim=1)
     e, gn = e0, g0
+    record = _RECORD.get()
+    if record is not None:
+        record[1].clear()
+        if 0 in record[0]:
+            record[1][0] = theta.detach().clone()
     for k in tqdm(range(steps), disable=not progress, desc="TTO (adam)", leave=False):
         if tol > 0:
             moving = moving & (gn > tol * g0)
@@ -100,6 +130,12 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
         e = torch.where(ok, e_new, e)
         taken = taken + moving.long()
         gn = g.detach().norm(dim=1)
+        if record is not None and k + 1 in record[0]:
+            record[1][k + 1] = theta.detach().clone()
+    if record is not None:  # a solve that stopped early: the later iterates are its last one
+        for s in record[0]:
+            if s <= steps and s not in record[1]:
+                record[1][s] = theta.detach().clone()
     return InnerResult(theta, taken, g0, gn, e0.detach(), e.detach(), rollbacks, g.detach())
 
 

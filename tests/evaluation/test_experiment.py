@@ -182,3 +182,57 @@ def test_batched_evaluation_equals_one_example_at_a_time():
     assert one["metrics"]["zero_shot_tto_naive"]["per_view_psnr"] != \
         one["metrics"]["zero_shot_tto"]["per_view_psnr"]
     assert len(one["lambda_overlap"]["diff3r"]["per_example"]) == len(examples)
+
+
+def test_tto_curve_from_one_solve_equals_separate_solves():
+    """The PSNR-vs-steps points read off one long Adam solve are those of shorter solves."""
+    from diff3r_plugin.data.embedded import EmbeddedDataset
+    from diff3r_plugin.evaluation.eval_cli import evaluate
+    from diff3r_plugin.models import TinyPoseGivenEncoder
+    from diff3r_plugin.training import tto_config
+    from diff3r_plugin.uncertainty import UncertaintyHead
+
+    torch.manual_seed(0)
+    ds = EmbeddedDataset.held_out(2, image_shape=(12, 12), num_views=4)
+    examples = [ds[0], ds[1]]
+    enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
+    head = UncertaintyHead(enc.num_features, enc.sh_degree, 0, init=0.5).eval()
+    models = {"baseline": (enc, None), "diff3r": (enc, head)}
+    methods = ("zero_shot_tto", "diff3r_tto")
+    long = evaluate(models, examples, tto_config(5, pcg_maxiter=3), methods=methods,
+                    steps_list=[0, 2, 5], batch_size=2)
+    for s in (2, 5):
+        short = evaluate(models, examples, tto_config(s, pcg_maxiter=3), methods=methods,
+                         steps_list=[0, s], batch_size=2)
+        for m in methods:
+            assert long["psnr_vs_steps"][m][str(s)] == pytest.approx(short["metrics"][m]["psnr"],
+                                                                     abs=1e-4)
+    # The points differ from each other: the curve is not one value repeated.
+    curve = long["psnr_vs_steps"]["zero_shot_tto"]
+    assert curve["2"] != curve["5"] and curve["0"] != curve["2"]
+
+
+def test_recorded_iterates_are_those_of_shorter_solves():
+    from diff3r_plugin.data.embedded import EmbeddedDataset
+    from diff3r_plugin.layer.inner import record_iterates
+    from diff3r_plugin.models import TinyPoseGivenEncoder
+    from diff3r_plugin.training import forward_model, prepare_batch, tto_config
+
+    torch.manual_seed(0)
+    enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
+    batch = prepare_batch(enc, EmbeddedDataset.held_out(1, image_shape=(12, 12), num_views=4)[0])
+    with torch.no_grad(), record_iterates([0, 1, 3, 9]) as store:
+        pred = forward_model(enc, None, batch, tto=True, lambda_mode="constant",
+                             config=tto_config(3))
+    # Only the asked steps that the solve reaches are kept; 0 is theta0, 3 the solve's result.
+    assert sorted(store) == [0, 1, 3]
+    assert torch.equal(store[0], pred.theta0.flatten())
+    assert torch.allclose(store[3], pred.theta.flatten(), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        one = forward_model(enc, None, batch, tto=True, lambda_mode="constant", config=tto_config(1))
+    assert torch.allclose(store[1], one.theta.flatten(), atol=1e-6, rtol=0)
+    assert not torch.allclose(store[1], store[3])
+    # Outside the block nothing is recorded.
+    with torch.no_grad():
+        forward_model(enc, None, batch, tto=True, lambda_mode="constant", config=tto_config(2))
+    assert sorted(store) == [0, 1, 3]
