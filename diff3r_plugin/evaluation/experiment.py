@@ -22,7 +22,8 @@ Protocol (defaults; ``--quick`` shrinks every count for CI):
    head starting at the baseline's chosen constant Lambda); ``diff3r_unroll`` is the same with
    ``backward="unroll"`` at the same K.
 4. **Baseline's TTO Lambda**: the constant Lambda of ``lambda_grid`` with the best validation
-   PSNR after the test-time TTO (first seed). ``zero_shot_tto_naive`` uses a near-zero Lambda
+   PSNR after the test-time TTO (first seed); a best value on the grid's edge extends the grid
+   by factors of 10 on that side until it is interior. ``zero_shot_tto_naive`` uses a near-zero Lambda
    (``NAIVE_LAMBDA``, no proximal term).
 5. **Test-time TTO**: Adam, ``eval_tto_steps`` steps (default 100) for the reported metrics,
    PSNR also after each count of ``steps_list``; per-group 3DGS rates x ``lr_scale``.
@@ -226,16 +227,35 @@ def _save_curve_png(curve: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _choose_lambda(enc, val, cfg, grid, steps_list, progress, batch_size=1):
-    """Constant Lambda of the baseline's TTO with the best validation PSNR after the TTO."""
+def _choose_lambda(enc, val, cfg, grid, steps_list, progress, batch_size=1, *, extend: int = 3):
+    """Constant Lambda of the baseline's TTO with the best validation PSNR after the TTO.
+
+    A best value on the grid's edge says the optimum may lie beyond it, so the grid is extended
+    by factors of 10 on that side (at most ``extend`` times, never below ``10 * NAIVE_LAMBDA``,
+    which ``zero_shot_tto_naive`` covers, nor above 1e4) until the best value is interior.
+    Every value tried is in the returned rows.
+    """
     rows = []
-    for lam in grid:
+
+    def score(lam):
         res = evaluate({"baseline": (enc, None)}, val, cfg, methods=("zero_shot_tto",),
                        steps_list=steps_list,
                        method_overrides={"zero_shot_tto": {"constant_lambda": float(lam)}},
                        progress=progress, batch_size=batch_size)
         rows.append({"lambda": float(lam), "val_psnr": res["metrics"]["zero_shot_tto"]["psnr"],
                      "val_psnr_vs_steps": res["psnr_vs_steps"]["zero_shot_tto"]})
+
+    for lam in grid:
+        score(lam)
+    for _ in range(extend):
+        lams = sorted(r["lambda"] for r in rows)
+        best = max(rows, key=lambda r: r["val_psnr"])["lambda"]
+        if len(lams) > 1 and best == lams[0] and best / 10 >= 10 * NAIVE_LAMBDA * (1 - 1e-9):
+            score(best / 10)
+        elif len(lams) > 1 and best == lams[-1] and best * 10 <= 1e4:
+            score(best * 10)
+        else:
+            break
     best = max(rows, key=lambda r: r["val_psnr"])
     return best["lambda"], rows
 

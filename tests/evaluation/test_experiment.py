@@ -236,3 +236,25 @@ def test_recorded_iterates_are_those_of_shorter_solves():
     with torch.no_grad():
         forward_model(enc, None, batch, tto=True, lambda_mode="constant", config=tto_config(2))
     assert sorted(store) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("peak, grid, chosen, tried", [
+    (1e-2, (0.1, 1.0, 10.0), 1e-2, [1e-3, 1e-2, 0.1, 1.0, 10.0]),  # below the grid: extended down
+    (1.0, (0.1, 1.0, 10.0), 1.0, [0.1, 1.0, 10.0]),                # interior: the grid as given
+    (1e3, (0.1, 1.0, 10.0), 1e3, [0.1, 1.0, 10.0, 1e2, 1e3, 1e4]),  # above: extended up
+    (1e-6, (0.1, 1.0), 1e-3, [1e-3, 1e-2, 0.1, 1.0]),              # never below 10 x naive
+])
+def test_baseline_lambda_choice_leaves_no_optimum_on_the_grid_edge(monkeypatch, peak, grid,
+                                                                   chosen, tried):
+    import diff3r_plugin.evaluation.experiment as exp
+
+    def fake_evaluate(models, val, cfg, *, method_overrides, **kw):
+        lam = method_overrides["zero_shot_tto"]["constant_lambda"]
+        psnr = 30.0 - abs(math.log10(lam) - math.log10(peak))  # a known peak at ``peak``
+        return {"metrics": {"zero_shot_tto": {"psnr": psnr}},
+                "psnr_vs_steps": {"zero_shot_tto": {"0": 0.0}}}
+
+    monkeypatch.setattr(exp, "evaluate", fake_evaluate)
+    best, rows = exp._choose_lambda(None, [], None, grid, [0, 1], False)
+    assert best == pytest.approx(chosen)
+    assert sorted(r["lambda"] for r in rows) == pytest.approx(sorted(tried))
