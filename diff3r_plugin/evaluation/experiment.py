@@ -19,7 +19,9 @@ Protocol (defaults; ``--quick`` shrinks every count for CI):
    ``N`` steps without the layer. Training through the layer is ~5-10x slower per step on CPU,
    so Diff3R is the baseline's snapshot after ``N - n_ft`` steps fine-tuned for the last
    ``n_ft = finetune_fraction * N`` steps through the layer (encoder + uncertainty head, the
-   head starting at the baseline's chosen constant Lambda); ``diff3r_unroll`` is the same with
+   head starting at ``head_init``: a fixed value, not the baseline's chosen Lambda, because
+   the chosen Lambda can approach zero, where ``J^T J + diag(Lambda)`` is near-singular and
+   the capped implicit backward drives the encoder to huge Gaussians); ``diff3r_unroll`` is the same with
    ``backward="unroll"`` at the same K.
 4. **Baseline's TTO Lambda**: the constant Lambda of ``lambda_grid`` with the best validation
    PSNR after the test-time TTO (first seed); a best value on the grid's edge extends the grid
@@ -346,7 +348,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                    finetune_fraction: float = 1 / 3, tto_steps: int = 10,
                    eval_tto_steps: int = 100, steps_list: list[int] | None = None,
                    lambda_grid: tuple = (0.1, 1.0, 10.0), lr: float = 2e-3,
-                   head_lr: float = 1e-3, lr_scale: float = 4.0, pcg_maxiter: int = 8,
+                   head_lr: float = 1e-3, head_init: float = 0.1, lr_scale: float = 4.0, pcg_maxiter: int = 8,
                    precond_probes: int = 1, grad_cosine_every: int = 10, eval_batch: int = 4,
                    progress: bool = True, train_steps: int | None = None,
                    window_stride: int = 1,
@@ -447,14 +449,14 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         t = time.perf_counter()
         models, hist, pre_state = _train_seed(
             model, s, batches, cfg, n_outer=n_outer, n_pre=n_pre, lr=lr, head_lr=head_lr,
-            head_init=best_lambda, snaps=snaps if k == 0 else None, unroll=True,
+            head_init=head_init, snaps=snaps if k == 0 else None, unroll=True,
             grad_cosine_every=grad_cosine_every, progress=progress)
         timings[f"train_seed{s}"] = time.perf_counter() - t
         hists.append(hist)
         if k == 0:
             probe = _make_encoder(model, s)
             probe.load_state_dict(pre_state)
-            head = _make_head(probe, best_lambda)
+            head = _make_head(probe, head_init)
             b0 = batches[0]
             mem = {"baseline": _one_step_memory(probe, None, b0, "baseline", cfg),
                    "diff3r": _one_step_memory(probe, head, b0, "diff3r", cfg),
@@ -504,7 +506,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             s = seed + k
             models_pf, hist_pf, _ = _train_seed(
                 "pose_free", s, batches, cfg, n_outer=n_outer, n_pre=n_pre, lr=lr,
-                head_lr=head_lr, head_init=pf_lambda, snaps=None, unroll=False,
+                head_lr=head_lr, head_init=head_init, snaps=None, unroll=False,
                 grad_cosine_every=None, progress=progress)
             if k == 0 and constant_lambda is None:
                 pf_lambda, pf_variants = _choose_lambda(models_pf["baseline"][0], val, eval_cfg,
@@ -521,8 +523,8 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         pose_free_result["seeds"] = pose_free_seeds
         pose_free_result["baseline_tto_lambda"] = pf_lambda
         pose_free_result["lambda_variants"] = pf_variants
-        pose_free_result["note"] = ("diff3r_tto's head starts at the pose-given protocol's "
-                                    "chosen Lambda; zero_shot_tto uses the pose-free baseline's")
+        pose_free_result["note"] = (f"diff3r_tto's head starts at head_init = {head_init}; "
+                                    "zero_shot_tto uses the pose-free baseline's chosen Lambda")
         timings["pose_free"] = time.perf_counter() - t
         note(f"pose-free done in {timings['pose_free']:.0f} s")
 
@@ -595,6 +597,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             for key in ("stationarity", "pcg_rel_residual", "pcg_iters", "mse")} if hists else {},
         "grad_cosine_samples": grad_cos,
         "baseline_tto_lambda": best_lambda,
+        "head_init": head_init,
         "lambda_variants": variants,
         "tto": {"train_steps": cfg.steps, "eval_steps": eval_cfg.steps,
                 "steps_list": steps_list, "inner_solver": cfg.inner_solver,
@@ -652,6 +655,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tto-steps", type=int, default=100, help="test-time TTO steps")
     p.add_argument("--steps-list", type=str, default=None, help="e.g. 0,10,30,100")
     p.add_argument("--lambda-grid", type=str, default="0.1,1,10")
+    p.add_argument("--head-init", type=float, default=0.1,
+                   help="initial Lambda of the Diff3R uncertainty head")
     p.add_argument("--constant-lambda", type=float, default=None,
                    help="fix the baseline's TTO Lambda instead of choosing it on validation")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -678,7 +683,7 @@ def run(args) -> dict:
         tto_steps=args.tto_steps, eval_tto_steps=args.eval_tto_steps, steps_list=steps_list,
         lambda_grid=tuple(float(x) for x in args.lambda_grid.split(",")),
         constant_lambda=args.constant_lambda, lr=args.lr, head_lr=args.head_lr,
-        lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
+        head_init=args.head_init, lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
         grad_cosine_every=args.grad_cosine_every, eval_batch=args.eval_batch,
         window_stride=args.window_stride,
         progress=not args.no_progress)
