@@ -135,6 +135,8 @@ def adam_solve(obj: Objective, theta0: Tensor, lam: Tensor, lr: Tensor, steps: i
         moving = moving & ok
         keep = ok[:, None]
         theta = torch.where(keep, cand, theta)
+        if not create_graph:  # no chain of iterates on the graph (see _energy_and_grad)
+            theta = theta.detach()
         g = torch.where(keep, g_new, g)
         e = torch.where(ok, e_new, e)
         taken = taken + moving.long()
