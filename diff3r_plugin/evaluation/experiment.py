@@ -21,12 +21,12 @@ Protocol (defaults; ``--quick`` shrinks every count for CI):
    ``n_ft = finetune_fraction * N`` steps through the layer (encoder + uncertainty head, the
    head starting at ``head_init``: a fixed value, not the baseline's chosen Lambda, because
    the chosen Lambda can approach zero, where ``J^T J + diag(Lambda)`` is near-singular and
-   the capped implicit backward drives the encoder to huge Gaussians); ``diff3r_unroll`` is the same with
-   ``backward="unroll"`` at the same K.
+   the capped implicit backward drives the encoder to huge Gaussians); ``diff3r_unroll`` is
+   the same with ``backward="unroll"`` at the same K.
 4. **Baseline's TTO Lambda**: the constant Lambda of ``lambda_grid`` with the best validation
    PSNR after the test-time TTO (first seed); a best value on the grid's edge extends the grid
-   by factors of 10 on that side until it is interior. ``zero_shot_tto_naive`` uses a near-zero Lambda
-   (``NAIVE_LAMBDA``, no proximal term).
+   by factors of 10 on that side until it is interior. ``zero_shot_tto_naive`` uses a
+   near-zero Lambda (``NAIVE_LAMBDA``, no proximal term).
 5. **Test-time TTO**: Adam, ``eval_tto_steps`` steps (default 100) for the reported metrics,
    PSNR also after each count of ``steps_list``; per-group 3DGS rates x ``lr_scale``.
 6. **Statistics**: per-seed values, means over seeds, and a paired bootstrap 95 % interval of
