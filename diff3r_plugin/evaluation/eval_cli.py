@@ -177,6 +177,7 @@ def _render(models, method, batch, config, steps, method_overrides=None, record=
     as ``{s: render}``, in the fifth element (Adam only; with another inner solver the dict is
     empty and the caller solves those counts itself).
     """
+    from ..gaussians.layout import GaussianParams
     from ..layer.inner import record_iterates
     from ..training import Prediction, forward_model, prepare_batch, render_targets
     which, tto, lam_mode = _SPEC[method]
@@ -188,10 +189,8 @@ def _render(models, method, batch, config, steps, method_overrides=None, record=
         pred = forward_model(enc, head, b, tto=tto and steps > 0, lambda_mode=lam_mode, config=cfg)
         color = render_targets(pred, b).clamp(0, 1)
         if tto and steps > 0:
-            from ..gaussians.layout import GaussianParams
             for s, flat in iterates.items():
-                theta_s = GaussianParams.unflatten(flat.to(pred.theta0.means.dtype),
-                                                   pred.theta0.layout)
+                theta_s = GaussianParams.unflatten(flat, pred.theta0.layout)
                 early[s] = render_targets(Prediction(pred.theta0, theta_s, pred.lam, pred.views),
                                           b).clamp(0, 1)
     lam = float(pred.lam.mean()) if lam_mode == "predicted" else float(cfg.constant_lambda)

@@ -59,12 +59,10 @@ def record_iterates(steps):
 
 def _energy_and_grad(obj: Objective, theta: Tensor, theta0: Tensor, lam: Tensor, sqrt_w,
                      create_graph: bool):
-    if not create_graph:
+    if not create_graph or not theta.requires_grad:
         # Without the unrolled graph each iterate is a fresh leaf: a candidate built from the
         # previous leaf would otherwise chain every step's update on the autograd graph, and
         # memory would grow with the number of TTO steps.
-        theta = theta.detach()
-    if not theta.requires_grad:
         theta = theta.detach().requires_grad_(True)
     e = obj.energy(theta, theta0, lam, sqrt_w=sqrt_w)
     g = torch.autograd.grad(e.sum(), theta, create_graph=create_graph)[0]

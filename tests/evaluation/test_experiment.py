@@ -153,20 +153,25 @@ def test_every_context_window_of_the_real_scenes():
         [(e["scene"], e["window"]) for e in windows if e["window"] % 3 == 0]
 
 
-def test_batched_evaluation_equals_one_example_at_a_time():
-    """Scenes solved in one layer call keep their own TTO: the same metrics as one by one."""
+def _tiny_models_and_examples():
+    """An untrained tiny encoder as both models (the head at Lambda 0.5) and two scenes."""
     from diff3r_plugin.data.embedded import EmbeddedDataset
-    from diff3r_plugin.evaluation.eval_cli import evaluate
     from diff3r_plugin.models import TinyPoseGivenEncoder
-    from diff3r_plugin.training import tto_config
     from diff3r_plugin.uncertainty import UncertaintyHead
 
     torch.manual_seed(0)
     ds = EmbeddedDataset.held_out(2, image_shape=(12, 12), num_views=4)
-    examples = [ds[0], ds[1]]
     enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
     head = UncertaintyHead(enc.num_features, enc.sh_degree, 0, init=0.5).eval()
-    models = {"baseline": (enc, None), "diff3r": (enc, head)}
+    return {"baseline": (enc, None), "diff3r": (enc, head)}, [ds[0], ds[1]]
+
+
+def test_batched_evaluation_equals_one_example_at_a_time():
+    """Scenes solved in one layer call keep their own TTO: the same metrics as one by one."""
+    from diff3r_plugin.evaluation.eval_cli import evaluate
+    from diff3r_plugin.training import tto_config
+
+    models, examples = _tiny_models_and_examples()
     cfg = tto_config(2, pcg_maxiter=3)
     kw = dict(methods=("zero_shot_tto", "zero_shot_tto_naive", "diff3r_tto"), steps_list=[0, 1, 2],
               lambda_overlap=True)
@@ -186,18 +191,10 @@ def test_batched_evaluation_equals_one_example_at_a_time():
 
 def test_tto_curve_from_one_solve_equals_separate_solves():
     """The PSNR-vs-steps points read off one long Adam solve are those of shorter solves."""
-    from diff3r_plugin.data.embedded import EmbeddedDataset
     from diff3r_plugin.evaluation.eval_cli import evaluate
-    from diff3r_plugin.models import TinyPoseGivenEncoder
     from diff3r_plugin.training import tto_config
-    from diff3r_plugin.uncertainty import UncertaintyHead
 
-    torch.manual_seed(0)
-    ds = EmbeddedDataset.held_out(2, image_shape=(12, 12), num_views=4)
-    examples = [ds[0], ds[1]]
-    enc = TinyPoseGivenEncoder(width=8, num_depths=4).eval()
-    head = UncertaintyHead(enc.num_features, enc.sh_degree, 0, init=0.5).eval()
-    models = {"baseline": (enc, None), "diff3r": (enc, head)}
+    models, examples = _tiny_models_and_examples()
     methods = ("zero_shot_tto", "diff3r_tto")
     long = evaluate(models, examples, tto_config(5, pcg_maxiter=3), methods=methods,
                     steps_list=[0, 2, 5], batch_size=2)
