@@ -271,6 +271,11 @@ class SparseJacobian:
         h, w = self.views.image_shape
         return b, self.views.num_views, h, w
 
+    @property
+    def _pixels_per_view(self) -> int:
+        h, w = self.views.image_shape
+        return h * w
+
     def _to_pixels(self, u: Tensor) -> Tensor:
         b, v, h, w = self._shape
         return u.reshape(b, v, 3, h, w).permute(0, 1, 3, 4, 2).reshape(-1, 3)
@@ -327,7 +332,7 @@ class SparseJacobian:
         mod = _compiled(up, *self._pair_tensors())
         if mod is not None:
             ct = mod.pj_vjp(up.contiguous(), _index(self.plan.gaussian), _index(self.plan.pixel),
-                            *self._pair_tensors(), b * v * g)
+                            *self._pair_tensors(), b * v * g, self._pixels_per_view)
         else:
             up = up.index_select(0, self.plan.pixel)
             s = (self.g_alpha * up).sum(1, keepdim=True)
@@ -366,7 +371,8 @@ class SparseJacobian:
         wsq = self._wsq
         b, v = self._shape[:2]
         ct = mod.pj_gauss_newton(q.contiguous(), _index(self.plan.gaussian), _index(self.plan.pixel),
-                                 *self._pair_tensors(), wsq, b * v * self.layout.num_gaussians)
+                                 *self._pair_tensors(), wsq, b * v * self.layout.num_gaussians,
+                                 self._pixels_per_view)
         return self.parameter_cotangent(ct)
 
     # -- exact diagonal and per-Gaussian blocks -----------------------------------------
@@ -412,7 +418,8 @@ class SparseJacobian:
         mod = _compiled(*self._pair_tensors(), *extra)
         if mod is not None:
             flat = mod.pj_moments(_index(self.plan.gaussian), _index(self.plan.pixel), *self._pair_tensors(),
-                                  None if self.sqrt_w is None else self.sqrt_w.contiguous(), n)
+                                  None if self.sqrt_w is None else self.sqrt_w.contiguous(), n,
+                                  self._pixels_per_view)
             dd, dq, ww = flat[:, :36].reshape(n, 6, 6), flat[:, 36:54].reshape(n, 6, 3), flat[:, 54:]
             return self._assemble_moments(dd, dq, ww)
         dd = self.g_alpha.new_zeros(n, 6, 6)

@@ -43,6 +43,20 @@ _error: str | None = None
 _tried = False
 
 
+def _build(load):
+    """Build with OpenMP (the kernels' ``at::parallel_for`` runs on torch's intra-op threads:
+    ``torch.set_num_threads``, ``OMP_NUM_THREADS``); where the compiler has no OpenMP, build the
+    same kernels single-threaded. Their results do not depend on the thread count
+    (``csrc/parallel.h``)."""
+    common = ["-O3", "-ffp-contract=off"]
+    try:
+        return load(name="diff3r_raster", sources=[str(s) for s in _SOURCES],
+                    extra_cflags=common + ["-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception:
+        return load(name="diff3r_raster_serial", sources=[str(s) for s in _SOURCES],
+                    extra_cflags=common, verbose=False)
+
+
 def _load():
     global _module, _error, _tried
     if _tried:
@@ -56,8 +70,7 @@ def _load():
             try:
                 from torch.utils.cpp_extension import load
 
-                _module = load(name="diff3r_raster", sources=[str(s) for s in _SOURCES],
-                               extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+                _module = _build(load)
             except Exception as exc:  # no compiler, no headers, a failed build: fall back
                 _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 warnings.warn(f"diff3r: the compiled CPU renderer kernels are unavailable ({_error}); "
@@ -118,10 +131,11 @@ class _Composite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attrs: Tensor, gid: Tensor, pixel: Tensor, px: Tensor, py: Tensor,  # type: ignore[override]
-                num_pixels: int, fallback) -> Tensor:
+                num_pixels: int, pixels_per_view: int, fallback) -> Tensor:
         mod = _load()
         ctx.save_for_backward(attrs, gid, pixel, px, py)
         ctx.fallback = fallback
+        ctx.pixels_per_view = pixels_per_view
         return mod.composite_forward(attrs.detach().contiguous(), gid, pixel, px, py, num_pixels)
 
     @staticmethod
@@ -133,14 +147,15 @@ class _Composite(torch.autograd.Function):
             with torch.enable_grad():
                 acc = ctx.fallback(attrs)
                 (g,) = torch.autograd.grad(acc, attrs, grad, create_graph=True)
-            return g, None, None, None, None, None, None
+            return g, None, None, None, None, None, None, None
         g = _load().composite_backward(attrs.detach().contiguous(), gid, pixel, px, py,
-                                       grad.contiguous())
-        return g, None, None, None, None, None, None
+                                       grad.contiguous(), ctx.pixels_per_view)
+        return g, None, None, None, None, None, None, None
 
 
 def composite_pairs(attrs: Tensor, gid: Tensor, pixel: Tensor, px: Tensor, py: Tensor,
-                    num_pixels: int, fallback) -> Tensor:
+                    num_pixels: int, pixels_per_view: int, fallback) -> Tensor:
     """``[num_pixels, 5]`` accumulated ``[w r, w g, w b, w z, w]``; ``fallback(attrs)`` is the
-    same map in PyTorch (used for derivatives of derivatives)."""
-    return _Composite.apply(attrs, gid, pixel, px, py, num_pixels, fallback)
+    same map in PyTorch (used for derivatives of derivatives). ``pixels_per_view`` (``h w``)
+    lets the derivative run view by view in parallel (a row's pairs lie in its own view)."""
+    return _Composite.apply(attrs, gid, pixel, px, py, num_pixels, pixels_per_view, fallback)

@@ -258,7 +258,7 @@ def composite(
 
     if native.usable(attrs) is not None:
         acc = native.composite_pairs(attrs, plan.gaussian, plan.pixel, plan.px, plan.py, num_pix,
-                                     composite_torch)
+                                     h * w, composite_torch)
     else:
         acc = composite_torch(attrs)
     acc = acc.reshape(b, v, h, w, 5)

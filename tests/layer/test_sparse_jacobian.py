@@ -340,6 +340,33 @@ def test_compiled_kernels_equal_the_pytorch_path(dtype, tol, robust, pose_views,
 
 
 @needs_native
+def test_compiled_products_give_the_same_bits_with_any_thread_count(monkeypatch):
+    """Gaussian-side sums run view by view, pixel-side passes pixel by pixel, each in the serial
+    order: the factors, products, moments and block inverses with one thread and with four are
+    equal bit for bit."""
+    obj, layout, theta = problem(gaussians=3000, size=32, views=3, sh_degree=1, pose_views=0,
+                                 robust="huber", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(theta.shape, generator=gen)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            jac = _build(obj, layout, theta, True, monkeypatch)
+            u = torch.randn(jac.residual.shape, generator=torch.Generator().manual_seed(3))
+            op = sparse_op(obj, theta, torch.full_like(theta, 0.1))
+            runs.append((jac.g_alpha, jac.weight, jac.residual, jac.jvp(p), jac.vjp(u), jac.gauss_newton(p),
+                         jac.block_diagonal(), op.preconditioner()(p, torch.arange(p.shape[0]))))
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0][0].shape[0] > 3 * (1 << 13)  # enough pairs for several parallel pieces
+    names = ("g_alpha", "weight", "residual", "jvp", "vjp", "gauss_newton", "blocks", "block_jacobi")
+    for name, a, b in zip(names, *runs):
+        assert torch.equal(a, b), name
+
+
+@needs_native
 def test_products_on_a_graph_stay_differentiable(monkeypatch):
     """With the linearization point on a graph (the unrolled LM), the products take the PyTorch
     path and their derivative with respect to theta is that of the PyTorch path."""
@@ -404,8 +431,10 @@ def test_compiled_kernels_refuse_inconsistent_pair_arrays():
     with pytest.raises(RuntimeError, match="d_alpha"):
         mod.pj_jvp(q, gid, pixel, g_alpha, torch.zeros(p - 1, 6), weight, p)
     with pytest.raises(RuntimeError, match="int64"):
-        mod.pj_vjp(torch.zeros(p, 3), gid.int(), pixel, g_alpha, d_alpha, weight, 4)
+        mod.pj_vjp(torch.zeros(p, 3), gid.int(), pixel, g_alpha, d_alpha, weight, 4, p)
     with pytest.raises(RuntimeError, match="one dtype"):
-        mod.pj_moments(gid, pixel, g_alpha, d_alpha.double(), weight, None, 4)
+        mod.pj_moments(gid, pixel, g_alpha, d_alpha.double(), weight, None, 4, p)
     with pytest.raises(RuntimeError, match="q must be"):
-        mod.pj_gauss_newton(torch.zeros(4, 8), gid, pixel, g_alpha, d_alpha, weight, None, 4)
+        mod.pj_gauss_newton(torch.zeros(4, 8), gid, pixel, g_alpha, d_alpha, weight, None, 4, p)
+    with pytest.raises(RuntimeError, match="sorted by pixel"):
+        mod.pj_vjp(torch.zeros(p, 3), gid, pixel.flip(0).contiguous(), g_alpha, d_alpha, weight, 4, 1)

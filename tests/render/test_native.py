@@ -165,3 +165,41 @@ def test_disabled_by_environment_variable():
             "assert not s['available'] and 'DIFF3R_NATIVE' in s['reason'], s")
     env = {**__import__("os").environ, "DIFF3R_NATIVE": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_kernels_give_the_same_bits_with_any_thread_count(dtype):
+    """The kernels split work into whole views (or whole pixels) and keep the serial order
+    inside each piece (``csrc/parallel.h``): plan, composite and its derivative with one thread
+    and with four are equal bit for bit, so their results do not depend on
+    ``OMP_NUM_THREADS``. (PyTorch's own ops around them, the projection's matrix products among
+    them, make no such promise.)"""
+    scene = make_scene(3000, 32, 3, seed=8, batch=2, sh_degree=1, dtype=dtype)
+    p = scene.params
+    with torch.no_grad():
+        proj = project(p.means, p.covariances(), p.harmonics, p.opacities(), scene.extrinsics,
+                       scene.intrinsics, scene.near, scene.image_shape, "e3nn")
+    attrs = torch.cat([proj.mean2d, proj.conic, proj.opacity[:, None], proj.color,
+                       proj.depth[:, None]], 1).contiguous()
+    mod = native.usable(attrs)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            plan = build_plan(proj, scene.image_shape)
+            acc = mod.composite_forward(attrs, plan.gaussian, plan.pixel, plan.px, plan.py,
+                                        plan.num_pixels)
+            grad_out = torch.rand(acc.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+            grad = mod.composite_backward(attrs, plan.gaussian, plan.pixel, plan.px, plan.py, grad_out,
+                                          32 * 32)
+            runs.append((plan, acc, grad))
+    finally:
+        torch.set_num_threads(before)
+    (plan1, acc1, grad1), (plan4, acc4, grad4) = runs
+    assert plan1.num_pairs > 3 * (1 << 13)  # enough pairs for several parallel pieces
+    for name in ("gaussian", "pixel", "seg_start", "px", "py"):
+        assert torch.equal(getattr(plan1, name), getattr(plan4, name)), name
+    assert float(acc1.abs().max()) > 0 and float(grad1.abs().max()) > 0
+    assert torch.equal(acc1, acc4)
+    assert torch.equal(grad1, grad4)

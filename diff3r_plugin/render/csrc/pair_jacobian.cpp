@@ -11,8 +11,9 @@
 // Same arithmetic as the PyTorch path in sparse_jacobian.py (which stays the path of derivatives
 // of these products, of forward mode and of tensors off the CPU).
 
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -46,39 +47,10 @@ void check_pairs(const torch::Tensor& gid, const torch::Tensor& pixel, const tor
               "the pair factors must share one dtype");
 }
 
-// Moves a chunk boundary of the pair range to the start of a pixel's list, so that parallel
-// chunks own whole pixels (both neighbours of a boundary move it to the same place).
-inline int64_t pixel_aligned(const int64_t* pix, int64_t k, int64_t n) {
-  while (k > 0 && k < n && pix[k] == pix[k - 1]) ++k;
-  return k;
-}
-
-// How many chunks the pairs are split into: one per thread, none smaller than kGrain pairs.
-inline int64_t num_chunks(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
-}
-
-// Runs body(lo, hi, chunk) once for each of `chunks` contiguous pieces of the pairs, in
-// parallel. A chunk index (not a thread id) names the buffer a piece writes to, so no two tasks
-// ever share one, whatever thread runs them (also inside an enclosing parallel region).
-template <typename F>
-void parallel_pairs(int64_t n, const int64_t* pix, bool align, int64_t chunks, F body) {
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
-      if (align) {
-        lo = pixel_aligned(pix, lo, n);
-        hi = pixel_aligned(pix, hi, n);
-      }
-      if (lo < hi) body(lo, hi, c);
-    }
-  });
-}
-
-// One buffer per chunk of a Gaussian-side sum: [chunks, rows, cols], summed by the caller.
-torch::Tensor chunk_buffers(int64_t chunks, int64_t rows, int64_t cols, const torch::TensorOptions& options) {
-  return torch::zeros({chunks, rows, cols}, options);
-}
+// Pixel-side passes run on chunks of whole pixels, Gaussian-side sums on chunks of whole views
+// (csrc/parallel.h): each task writes only its own pixels or rows, in the serial order.
+using diff3r::parallel_pixels;
+using diff3r::parallel_views;
 
 // Per-pair factors at one linearization point, and the composited colour.
 template <typename T>
@@ -106,7 +78,7 @@ std::vector<torch::Tensor> build_impl(const torch::Tensor& feats, const torch::T
     col[3 * q] = b[0]; col[3 * q + 1] = b[1]; col[3 * q + 2] = b[2];
   }
   const T amax = T(kAlphaMax), tmin = T(kTMin);
-  parallel_pairs(n, pix, true, num_chunks(n), [&](int64_t lo, int64_t hi, int64_t) {
+  parallel_pixels(n, pix, [&](int64_t lo, int64_t hi) {
   std::vector<double> trans, alphas;
   int64_t i = lo;
   while (i < hi) {
@@ -188,7 +160,7 @@ torch::Tensor jvp_impl(const torch::Tensor& q, const torch::Tensor& gid, const t
   const int64_t n = gid.numel();
   auto img = torch::zeros({num_pixels, 3}, q.options());
   T* out = img.data_ptr<T>();
-  parallel_pairs(n, pix, true, num_chunks(n), [&](int64_t lo, int64_t hi, int64_t) {
+  parallel_pixels(n, pix, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k)
       add_pair_tangent(qt + kF * g[k], ga + 3 * k, da + 6 * k, wt[k], out + 3 * pix[k]);
   });
@@ -199,7 +171,7 @@ torch::Tensor jvp_impl(const torch::Tensor& q, const torch::Tensor& gid, const t
 template <typename T>
 torch::Tensor vjp_impl(const torch::Tensor& u, const torch::Tensor& gid, const torch::Tensor& pixel,
                        const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
-                       const torch::Tensor& weight, int64_t num_rows) {
+                       const torch::Tensor& weight, int64_t num_rows, int64_t pixels_per_view) {
   const T* up = u.data_ptr<T>();
   const int64_t* g = gid.data_ptr<int64_t>();
   const int64_t* pix = pixel.data_ptr<int64_t>();
@@ -207,15 +179,13 @@ torch::Tensor vjp_impl(const torch::Tensor& u, const torch::Tensor& gid, const t
   const T* da = d_alpha.data_ptr<T>();
   const T* wt = weight.data_ptr<T>();
   const int64_t n = gid.numel();
-  const int64_t chunks = num_chunks(n);
-  auto buf = chunk_buffers(chunks, num_rows, kF, u.options());
-  T* base = buf.data_ptr<T>();
-  parallel_pairs(n, pix, false, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
-    T* out = base + slot * num_rows * kF;
+  auto ct = torch::zeros({num_rows, kF}, u.options());
+  T* out = ct.data_ptr<T>();
+  parallel_views(n, pix, pixels_per_view, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k)
       add_pair_cotangent(up + 3 * pix[k], ga + 3 * k, da + 6 * k, wt[k], out + kF * g[k]);
   });
-  return buf.size(0) == 1 ? buf[0] : buf.sum(0);
+  return ct;
 }
 
 // J^T W J p in one pass: per pixel, its value u = W (J p)[pixel] from its pairs, then the pairs'
@@ -223,7 +193,8 @@ torch::Tensor vjp_impl(const torch::Tensor& u, const torch::Tensor& gid, const t
 template <typename T>
 torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const torch::Tensor& pixel,
                       const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
-                      const torch::Tensor& weight, const torch::Tensor* wsq, int64_t num_rows) {
+                      const torch::Tensor& weight, const torch::Tensor* wsq, int64_t num_rows,
+                      int64_t pixels_per_view) {
   const T* qt = q.data_ptr<T>();
   const int64_t* g = gid.data_ptr<int64_t>();
   const int64_t* pix = pixel.data_ptr<int64_t>();
@@ -232,11 +203,9 @@ torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const to
   const T* wt = weight.data_ptr<T>();
   const T* ws = wsq ? wsq->data_ptr<T>() : nullptr;
   const int64_t n = gid.numel();
-  const int64_t chunks = num_chunks(n);
-  auto buf = chunk_buffers(chunks, num_rows, kF, q.options());
-  T* base = buf.data_ptr<T>();
-  parallel_pairs(n, pix, true, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
-    T* out = base + slot * num_rows * kF;
+  auto ct = torch::zeros({num_rows, kF}, q.options());
+  T* out = ct.data_ptr<T>();
+  parallel_views(n, pix, pixels_per_view, [&](int64_t lo, int64_t hi) {
     int64_t i = lo;
     while (i < hi) {
       const int64_t px = pix[i];
@@ -249,7 +218,7 @@ torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const to
       i = end;
     }
   });
-  return buf.size(0) == 1 ? buf[0] : buf.sum(0);
+  return ct;
 }
 
 // Per (view, Gaussian) moments of the pairs' factors A = diag(s) [g_alpha d_alpha^T | w I]:
@@ -258,7 +227,7 @@ template <typename T>
 torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
                            const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
                            const torch::Tensor& weight, const torch::Tensor* sqrt_w,
-                           int64_t num_rows) {
+                           int64_t num_rows, int64_t pixels_per_view) {
   const int64_t* g = gid.data_ptr<int64_t>();
   const int64_t* pix = pixel.data_ptr<int64_t>();
   const T* ga = g_alpha.data_ptr<T>();
@@ -266,11 +235,9 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
   const T* wt = weight.data_ptr<T>();
   const T* sw = sqrt_w ? sqrt_w->data_ptr<T>() : nullptr;
   const int64_t n = gid.numel();
-  const int64_t chunks = num_chunks(n);
-  auto buf = chunk_buffers(chunks, num_rows, 57, g_alpha.options());
-  T* base = buf.data_ptr<T>();
-  parallel_pairs(n, pix, false, chunks, [&](int64_t lo, int64_t hi, int64_t slot) {
-  T* out = base + slot * num_rows * 57;
+  auto moments = torch::zeros({num_rows, 57}, g_alpha.options());
+  T* out = moments.data_ptr<T>();
+  parallel_views(n, pix, pixels_per_view, [&](int64_t lo, int64_t hi) {
   for (int64_t k = lo; k < hi; ++k) {
     T G[3], ws[3];
     for (int c = 0; c < 3; ++c) {
@@ -289,7 +256,7 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
     for (int c = 0; c < 3; ++c) o[54 + c] += ws[c] * ws[c];
   }
   });
-  return buf.size(0) == 1 ? buf[0] : buf.sum(0);
+  return moments;
 }
 
 // Inverses of small SPD blocks [M, k, k] by Cholesky (in double), one block per task; a block
@@ -389,38 +356,39 @@ torch::Tensor pj_jvp(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, to
 }
 
 torch::Tensor pj_vjp(torch::Tensor u, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
-                     torch::Tensor d_alpha, torch::Tensor weight, int64_t num_rows) {
+                     torch::Tensor d_alpha, torch::Tensor weight, int64_t num_rows, int64_t pixels_per_view) {
   check(u, "u"); check_pairs(gid, pixel, g_alpha, d_alpha, weight);
   TORCH_CHECK(u.dim() == 2 && u.size(1) == 3 && u.scalar_type() == g_alpha.scalar_type(), "u must be [pixels, 3]");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "diff3r_pj_vjp", [&] {
-    out = vjp_impl<scalar_t>(u, gid, pixel, g_alpha, d_alpha, weight, num_rows);
+    out = vjp_impl<scalar_t>(u, gid, pixel, g_alpha, d_alpha, weight, num_rows, pixels_per_view);
   });
   return out;
 }
 
 torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                               torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> wsq,
-                              int64_t num_rows) {
+                              int64_t num_rows, int64_t pixels_per_view) {
   check(q, "q"); check_pairs(gid, pixel, g_alpha, d_alpha, weight);
   TORCH_CHECK(q.dim() == 2 && q.size(1) == kF && q.scalar_type() == g_alpha.scalar_type(), "q must be [N, 9]");
   if (wsq) check(*wsq, "wsq");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "diff3r_pj_gauss_newton", [&] {
-    out = gn_impl<scalar_t>(q, gid, pixel, g_alpha, d_alpha, weight, wsq ? &(*wsq) : nullptr, num_rows);
+    out = gn_impl<scalar_t>(q, gid, pixel, g_alpha, d_alpha, weight, wsq ? &(*wsq) : nullptr, num_rows,
+                               pixels_per_view);
   });
   return out;
 }
 
 torch::Tensor pj_moments(torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                          torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> sqrt_w,
-                         int64_t num_rows) {
+                         int64_t num_rows, int64_t pixels_per_view) {
   check_pairs(gid, pixel, g_alpha, d_alpha, weight);
   if (sqrt_w) check(*sqrt_w, "sqrt_w");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(g_alpha.scalar_type(), "diff3r_pj_moments", [&] {
     out = moments_impl<scalar_t>(gid, pixel, g_alpha, d_alpha, weight,
-                                 sqrt_w ? &(*sqrt_w) : nullptr, num_rows);
+                                 sqrt_w ? &(*sqrt_w) : nullptr, num_rows, pixels_per_view);
   });
   return out;
 }

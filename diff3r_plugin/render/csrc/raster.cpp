@@ -11,6 +11,8 @@
 
 #include <torch/extension.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -32,6 +34,8 @@ inline T pair_power(const T* a, T px, T py) {
 // Pairs of the planned Gaussians, sorted by pixel and front to back inside each pixel. Gaussians
 // with an empty box are skipped; the others are taken view by view in increasing depth (ties by
 // index, as a stable sort), and a counting sort by pixel keeps that order inside every pixel.
+// Views share no pixel and no Gaussian row, so each view is planned on its own (in parallel) and
+// the views' pair lists are concatenated: the same plan as one serial pass.
 template <typename T>
 std::vector<torch::Tensor> plan_impl(const torch::Tensor& box, const torch::Tensor& packed,
                                      const torch::Tensor& depth, int64_t per_view, int64_t h,
@@ -40,54 +44,69 @@ std::vector<torch::Tensor> plan_impl(const torch::Tensor& box, const torch::Tens
   const T* pk = packed.data_ptr<T>();           // mx, my, a, b, c, o
   const T* dp = depth.data_ptr<T>();
   const int64_t n = depth.numel();
+  const int64_t pv = std::max<int64_t>(per_view, 1);
+  const int64_t hw = h * w;
+  const int64_t views = (n + pv - 1) / pv;
+  for (int64_t g = 0; g < n; ++g)
+    TORCH_CHECK(bx[5 * g] * bx[5 * g + 1] == 0 || bx[5 * g + 4] == g / pv,
+                "plan: box[g, 4] must be the view of row g (g // per_view)");
+  TORCH_CHECK(views * hw <= num_pixels || n == 0, "plan: num_pixels is smaller than views * h * w");
   const T amin = T(kAlphaMin), amax = T(kAlphaMax);
-  std::vector<int64_t> order;
-  int64_t box_pixels = 0;
-  for (int64_t lo = 0; lo < n; lo += std::max<int64_t>(per_view, 1)) {
-    const int64_t hi = std::min(n, lo + std::max<int64_t>(per_view, 1));
-    const size_t first = order.size();
-    for (int64_t g = lo; g < hi; ++g) {
-      const int64_t cnt = bx[5 * g] * bx[5 * g + 1];
-      if (cnt > 0) {
-        order.push_back(g);
-        box_pixels += cnt;
-      }
-    }
-    std::stable_sort(order.begin() + first, order.end(),
-                     [dp](int64_t a, int64_t b) { return dp[a] < dp[b]; });
-  }
-  std::vector<int64_t> kept_pix, kept_gid;
-  kept_pix.reserve(box_pixels);
-  kept_gid.reserve(box_pixels);
-  std::vector<int64_t> start(num_pixels + 1, 0);
-  for (const int64_t g : order) {
-    const int64_t* b = bx + 5 * g;
-    const T* p = pk + 6 * g;
-    const int64_t base = b[4] * h * w;
-    // o exp(power) >= 1/255 <=> power >= log(1 / (255 o)). Away from that threshold (by far
-    // more than exp's rounding) the test is decided without exp; near it, exactly as in the
-    // PyTorch path, so both give the same pairs.
-    const double thr = std::log(kAlphaMin / std::max(double(p[5]), 1e-300));
-    for (int64_t y = b[3]; y < b[3] + b[1]; ++y) {
-      const T dy = p[1] - T(y);
-      for (int64_t x = b[2]; x < b[2] + b[0]; ++x) {
-        const T dx = p[0] - T(x);
-        const T power = T(-0.5) * (p[2] * dx * dx + p[4] * dy * dy) - p[3] * dx * dy;
-        if (power > T(0)) continue;
-        const double pw = double(power);
-        if (pw < thr - 1e-3) continue;
-        if (pw <= thr + 1e-3 && !(std::min(p[5] * std::exp(power), amax) >= amin)) continue;
-        {
-          const int64_t pix = base + y * w + x;
-          kept_pix.push_back(pix);
-          kept_gid.push_back(g);
-          ++start[pix + 1];
+  // Per view: its pairs' Gaussians in pixel order, and the run start of each of its pixels.
+  std::vector<std::vector<int64_t>> vgid(views), vstart(views);
+  at::parallel_for(0, views, 1, [&](int64_t v0, int64_t v1) {
+    std::vector<int64_t> order, kept_pix, kept_gid;
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t lo = v * pv, hi = std::min(n, lo + pv);
+      order.clear();
+      int64_t box_pixels = 0;
+      for (int64_t g = lo; g < hi; ++g) {
+        const int64_t cnt = bx[5 * g] * bx[5 * g + 1];
+        if (cnt > 0) {
+          order.push_back(g);
+          box_pixels += cnt;
         }
       }
+      std::stable_sort(order.begin(), order.end(), [dp](int64_t a, int64_t b) { return dp[a] < dp[b]; });
+      kept_pix.clear();
+      kept_gid.clear();
+      kept_pix.reserve(box_pixels);
+      kept_gid.reserve(box_pixels);
+      std::vector<int64_t>& start = vstart[v];
+      start.assign(hw + 1, 0);
+      for (const int64_t g : order) {
+        const int64_t* b = bx + 5 * g;
+        const T* p = pk + 6 * g;
+        // o exp(power) >= 1/255 <=> power >= log(1 / (255 o)). Away from that threshold (by far
+        // more than exp's rounding) the test is decided without exp; near it, exactly as in the
+        // PyTorch path, so both give the same pairs.
+        const double thr = std::log(kAlphaMin / std::max(double(p[5]), 1e-300));
+        for (int64_t y = b[3]; y < b[3] + b[1]; ++y) {
+          const T dy = p[1] - T(y);
+          for (int64_t x = b[2]; x < b[2] + b[0]; ++x) {
+            const T dx = p[0] - T(x);
+            const T power = T(-0.5) * (p[2] * dx * dx + p[4] * dy * dy) - p[3] * dx * dy;
+            if (power > T(0)) continue;
+            const double pw = double(power);
+            if (pw < thr - 1e-3) continue;
+            if (pw <= thr + 1e-3 && !(std::min(p[5] * std::exp(power), amax) >= amin)) continue;
+            const int64_t local = y * w + x;
+            kept_pix.push_back(local);
+            kept_gid.push_back(g);
+            ++start[local + 1];
+          }
+        }
+      }
+      for (int64_t i = 0; i < hw; ++i) start[i + 1] += start[i];  // run starts
+      std::vector<int64_t>& gids = vgid[v];
+      gids.resize(kept_pix.size());
+      std::vector<int64_t> next(start.begin(), start.end() - 1);
+      for (size_t i = 0; i < kept_pix.size(); ++i) gids[next[kept_pix[i]]++] = kept_gid[i];
     }
-  }
-  for (int64_t i = 0; i < num_pixels; ++i) start[i + 1] += start[i];  // run starts
-  const int64_t total = static_cast<int64_t>(kept_pix.size());
+  });
+  std::vector<int64_t> offset(views + 1, 0);
+  for (int64_t v = 0; v < views; ++v) offset[v + 1] = offset[v] + static_cast<int64_t>(vgid[v].size());
+  const int64_t total = offset[views];
   auto lopt = torch::TensorOptions().dtype(torch::kInt64);
   auto gid = torch::empty({total}, lopt), pix = torch::empty({total}, lopt);
   auto seg = torch::empty({total}, lopt);
@@ -97,22 +116,25 @@ std::vector<torch::Tensor> plan_impl(const torch::Tensor& box, const torch::Tens
   int64_t* seg_p = seg.data_ptr<int64_t>();
   T* px_p = px.data_ptr<T>();
   T* py_p = py.data_ptr<T>();
-  {
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < total; ++i) gid_p[next[kept_pix[i]]++] = kept_gid[i];
-  }
   // Per-pixel fields, written run by run (sequential, no division per pair).
-  for (int64_t q = 0; q < num_pixels; ++q) {
-    const int64_t a = start[q], e = start[q + 1];
-    if (a == e) continue;
-    const T fx = T(q % w), fy = T((q / w) % h);
-    for (int64_t k = a; k < e; ++k) {
-      pix_p[k] = q;
-      seg_p[k] = a;
-      px_p[k] = fx;
-      py_p[k] = fy;
+  at::parallel_for(0, views, 1, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t off = offset[v];
+      std::copy(vgid[v].begin(), vgid[v].end(), gid_p + off);
+      const std::vector<int64_t>& start = vstart[v];
+      for (int64_t l = 0; l < hw; ++l) {
+        const int64_t a = off + start[l], e = off + start[l + 1];
+        if (a == e) continue;
+        const T fx = T(l % w), fy = T(l / w);
+        for (int64_t k = a; k < e; ++k) {
+          pix_p[k] = v * hw + l;
+          seg_p[k] = a;
+          px_p[k] = fx;
+          py_p[k] = fy;
+        }
+      }
     }
-  }
+  });
   return {gid, pix, seg, px, py};
 }
 
@@ -129,11 +151,12 @@ torch::Tensor forward_impl(const torch::Tensor& attrs, const torch::Tensor& gid,
   auto acc = torch::zeros({num_pixels, 5}, attrs.options());
   T* out = acc.data_ptr<T>();
   const T amax = T(kAlphaMax), tmin = T(kTMin);
-  int64_t i = 0;
-  while (i < n) {
+  diff3r::parallel_pixels(n, pix, [&](int64_t lo, int64_t hi) {
+  int64_t i = lo;
+  while (i < hi) {
     const int64_t q = pix[i];
     int64_t end = i;
-    while (end < n && pix[end] == q) ++end;
+    while (end < hi && pix[end] == q) ++end;
     double td = 1.0;
     double s[5] = {0, 0, 0, 0, 0};
     for (int64_t k = i; k < end; ++k) {
@@ -152,13 +175,15 @@ torch::Tensor forward_impl(const torch::Tensor& attrs, const torch::Tensor& gid,
     for (int c = 0; c < 5; ++c) out[5 * q + c] = T(s[c]);
     i = end;
   }
+  });
   return acc;
 }
 
 template <typename T>
 torch::Tensor backward_impl(const torch::Tensor& attrs, const torch::Tensor& gid,
                             const torch::Tensor& pixel, const torch::Tensor& px,
-                            const torch::Tensor& py, const torch::Tensor& grad_acc) {
+                            const torch::Tensor& py, const torch::Tensor& grad_acc,
+                            int64_t pixels_per_view) {
   const T* at = attrs.data_ptr<T>();
   const int64_t* g = gid.data_ptr<int64_t>();
   const int64_t* pix = pixel.data_ptr<int64_t>();
@@ -169,12 +194,15 @@ torch::Tensor backward_impl(const torch::Tensor& attrs, const torch::Tensor& gid
   auto grad = torch::zeros_like(attrs);
   T* gr = grad.data_ptr<T>();
   const T amax = T(kAlphaMax), tmin = T(kTMin);
+  // Whole views per task: a Gaussian row's pairs all lie in its view, so no two tasks add to
+  // the same row.
+  diff3r::parallel_views(n, pix, pixels_per_view, [&](int64_t lo, int64_t hi) {
   std::vector<double> trans, alphas, raws, exps, dots;
-  int64_t i = 0;
-  while (i < n) {
+  int64_t i = lo;
+  while (i < hi) {
     const int64_t q = pix[i];
     int64_t end = i;
-    while (end < n && pix[end] == q) ++end;
+    while (end < hi && pix[end] == q) ++end;
     const T* G = go + 5 * q;
     trans.clear(); alphas.clear(); raws.clear(); exps.clear(); dots.clear();
     double td = 1.0;
@@ -219,6 +247,7 @@ torch::Tensor backward_impl(const torch::Tensor& attrs, const torch::Tensor& gid
     }
     i = end;
   }
+  });
   return grad;
 }
 
@@ -250,11 +279,12 @@ torch::Tensor composite_forward(torch::Tensor attrs, torch::Tensor gid, torch::T
 }
 
 torch::Tensor composite_backward(torch::Tensor attrs, torch::Tensor gid, torch::Tensor pixel,
-                                 torch::Tensor px, torch::Tensor py, torch::Tensor grad_acc) {
+                                 torch::Tensor px, torch::Tensor py, torch::Tensor grad_acc,
+                                 int64_t pixels_per_view) {
   check(attrs, "attrs"); check(grad_acc, "grad_acc");
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(attrs.scalar_type(), "diff3r_composite_backward", [&] {
-    out = backward_impl<scalar_t>(attrs, gid, pixel, px, py, grad_acc);
+    out = backward_impl<scalar_t>(attrs, gid, pixel, px, py, grad_acc, pixels_per_view);
   });
   return out;
 }
