@@ -26,7 +26,6 @@ constexpr double kAlphaMax = 0.99;
 constexpr double kTMin = 1e-4;
 constexpr int kF = 9;  // features per (view, Gaussian)
 
-constexpr int64_t kGrain = 1 << 14;  // pairs per parallel task
 
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
