@@ -68,11 +68,21 @@ def block_preconditioner(parts: list[tuple[Float[Tensor, "batch gaussian _ _"], 
     for blocks, slots in parts:
         # The inverse blocks, formed once: applying them is a broadcast product, several times
         # cheaper on a CPU than a triangular solve per block at every PCG iteration.
-        factors.append((_spd_inverse(blocks.detach()), slots, slots.reshape(-1)))
+        factors.append((_spd_inverse(blocks.detach()).contiguous(), slots.long().contiguous(), slots.reshape(-1)))
     whole = diag.shape[0]
+    from ..render import native
 
     def apply(r: Tensor, idx: Tensor) -> Tensor:
         z = r / (diag if idx.numel() == whole else diag.index_select(0, idx))
+        mod = native.usable(r, *(inv for inv, _, _ in factors))
+        if mod is not None and idx.numel() == whole and not (torch.is_grad_enabled() and r.requires_grad) \
+                and all(inv.dtype == r.dtype for inv, _, _ in factors):
+            # Compiled: each block's small matrix-vector product in place of a broadcast
+            # product and a sum over a [b, G, k, k] temporary.
+            r = r.contiguous()
+            for inv, slots, _ in factors:
+                z = mod.pj_block_apply(inv.reshape(-1, *inv.shape[-2:]).contiguous(), r, slots, z.contiguous())
+            return z
         for inv, slots, flat in factors:
             rb = r[:, slots].to(inv.dtype)
             m = inv if idx.numel() == whole else inv.index_select(0, idx)

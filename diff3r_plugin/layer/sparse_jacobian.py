@@ -202,6 +202,7 @@ class SparseJacobian:
     appearance: Appearance | None = None  # the other columns, factored (products use these)
     _moments: Tensor | None = None  # feature_moments, once computed (chunking only bounds memory)
     _wsq: Tensor | None = None  # sqrt_w^2, contiguous, once computed (every fused product reads it)
+    _app_contig: tuple[Tensor, Tensor] | None = None  # the appearance factors, contiguous, for the kernels
 
     # -- construction ------------------------------------------------------------------
 
@@ -288,6 +289,11 @@ class SparseJacobian:
         """``F p``: ``[N, 9]`` tangents of the projected features."""
         b, v = self._shape[:2]
         g = self.layout.num_gaussians
+        mod = self._compiled_f(p)
+        if mod is not None:
+            q = mod.pj_tangent(self.geo_jac.contiguous(), *self._appearance_factors(), p.contiguous(),
+                               self._slots_index, v)
+            return q + self._pose_tangent(p) if self.pose_jac is not None else q
         pg = p[:, self.slots]  # [b, G, n_i]
         pg = pg[:, None].expand(b, v, g, pg.shape[-1]).reshape(b * v * g, -1)
         if self.appearance is None:
@@ -296,12 +302,36 @@ class SparseJacobian:
             n_geo = self.geo_jac.shape[2]
             q = torch.einsum("nfs,ns->nf", self.geo_jac, pg[:, :n_geo]) + self.appearance.tangent(pg[:, n_geo:])
         if self.pose_jac is not None:
-            pp = torch.zeros(b, v, 6, dtype=p.dtype, device=p.device)
-            npv = self.layout.num_pose_views
-            pp = torch.cat([pp[:, :1], p[:, self.layout.slices["pose"]].reshape(b, npv, 6), pp[:, npv + 1:]], 1)
-            pp = pp[:, :, None].expand(b, v, g, 6).reshape(b * v * g, 6)
-            q = q + torch.einsum("nfs,ns->nf", self.pose_jac, pp)
+            q = q + self._pose_tangent(p)
         return q
+
+    def _pose_tangent(self, p: Tensor) -> Tensor:
+        """The pose columns' share of ``F p``: ``[N, 9]`` (view 0 is the reference, fixed)."""
+        b, v = self._shape[:2]
+        g = self.layout.num_gaussians
+        pp = torch.zeros(b, v, 6, dtype=p.dtype, device=p.device)
+        npv = self.layout.num_pose_views
+        pp = torch.cat([pp[:, :1], p[:, self.layout.slices["pose"]].reshape(b, npv, 6), pp[:, npv + 1:]], 1)
+        pp = pp[:, :, None].expand(b, v, g, 6).reshape(b * v * g, 6)
+        return torch.einsum("nfs,ns->nf", self.pose_jac, pp)
+
+    def _compiled_f(self, x: Tensor):
+        """The compiled products with ``F`` for the value ``x`` (see :func:`_compiled`)."""
+        if self.geo_jac is None or self.layout.num_gaussians == 0 or self.slots.shape[1] == 0:
+            return None
+        return _compiled(x, self.geo_jac, *self._appearance_factors())
+
+    def _appearance_factors(self) -> tuple[Tensor, ...]:
+        """``(opacity [N], color [N, 3, d_sh])`` of the factored appearance columns, or ``()``."""
+        if self.appearance is None:
+            return ()
+        if self._app_contig is None:
+            self._app_contig = (self.appearance.opacity.contiguous(), self.appearance.color.contiguous())
+        return self._app_contig
+
+    @property
+    def _slots_index(self) -> Tensor:
+        return _index(self.slots)
 
     def _pair_tensors(self) -> tuple[Tensor, ...]:
         return self.g_alpha.contiguous(), self.d_alpha.contiguous(), self.weight.contiguous()
@@ -346,19 +376,30 @@ class SparseJacobian:
         ``[N, 9]`` cotangents of the projected features."""
         b, v = self._shape[:2]
         g = self.layout.num_gaussians
+        start = self.layout.slices["pose"].start
+        mod = self._compiled_f(ct)
+        if mod is not None:
+            out = mod.pj_cotangent(self.geo_jac.contiguous(), *self._appearance_factors(), ct.contiguous(),
+                                   self._slots_index, b, v, start)
+            return self._with_pose_cotangent(out, ct)
         if self.appearance is None:
             per_row = torch.einsum("nfs,nf->ns", self.feat_jac, ct)
         else:
             per_row = torch.cat([torch.einsum("nfs,nf->ns", self.geo_jac, ct), self.appearance.cotangent(ct)], 1)
         per_slot = per_row.reshape(b, v, g, -1).sum(1)
-        start = self.layout.slices["pose"].start
         out = torch.zeros(b, start, dtype=ct.dtype, device=ct.device)
         out = out.index_copy(1, self.slots.reshape(-1), per_slot.reshape(b, -1))
-        if self.pose_jac is not None:
-            npv = self.layout.num_pose_views
-            pose = torch.einsum("nfs,nf->ns", self.pose_jac, ct).reshape(b, v, g, 6).sum(2)
-            out = torch.cat([out, pose[:, 1:npv + 1].reshape(b, -1)], 1)
-        return out
+        return self._with_pose_cotangent(out, ct)
+
+    def _with_pose_cotangent(self, out: Tensor, ct: Tensor) -> Tensor:
+        """``out`` (the Gaussians' cotangents) followed by the pose slots' ``F^T ct``."""
+        if self.pose_jac is None:
+            return out
+        b, v = self._shape[:2]
+        g = self.layout.num_gaussians
+        npv = self.layout.num_pose_views
+        pose = torch.einsum("nfs,nf->ns", self.pose_jac, ct).reshape(b, v, g, 6).sum(2)
+        return torch.cat([out, pose[:, 1:npv + 1].reshape(b, -1)], 1)
 
     def gauss_newton(self, p: Tensor) -> Tensor:
         """``J^T W J p`` (the compiled path fuses the two passes over the pairs)."""
@@ -476,8 +517,17 @@ class SparseJacobian:
         entries of ``F`` are zero), to skip them."""
         b, v = self._shape[:2]
         g = self.layout.num_gaussians
-        f = self.feat_jac if cols is None else self.feat_jac.index_select(2, cols)
         m = self.feature_moments(chunk)
+        mod = _compiled(self.feat_jac, m)
+        if mod is not None:
+            # One pass per block that skips F's zeros, with no gathered copies of F and M.
+            n_i = self.feat_jac.shape[2]
+            cols = torch.arange(n_i, device=m.device) if cols is None else cols
+            rows = torch.arange(NUM_FEATURES, device=m.device) if rows is None else rows
+            k = cols.numel()
+            return mod.pj_blocks(self.feat_jac.contiguous(), m.contiguous(), _index(cols), _index(rows),
+                                 b, v).reshape(b, g, k, k)
+        f = self.feat_jac if cols is None else self.feat_jac.index_select(2, cols)
         if rows is not None:
             f = f.index_select(1, rows)
             m = m.index_select(1, rows).index_select(2, rows)

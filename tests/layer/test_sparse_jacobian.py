@@ -132,7 +132,14 @@ def test_a_subset_of_scenes_gives_the_rows_of_the_full_batch():
     assert torch.allclose(sub, full[[0, 2]], rtol=1e-10, atol=1e-12)
 
 
-def test_block_jacobi_preconditioner_applies_the_inverse_blocks():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_block_jacobi_preconditioner_applies_the_inverse_blocks(compiled, monkeypatch):
+    """Both paths of the application (the compiled per-block product where the kernels are
+    built, the broadcast product in PyTorch) apply the exact inverse blocks."""
+    if compiled and native.usable(torch.zeros(1)) is None:
+        pytest.skip("the compiled kernels are not built here")
+    if not compiled:
+        monkeypatch.setattr(native, "usable", lambda *tensors: None)
     gen = torch.Generator().manual_seed(0)
     b, g, k = 2, 5, 3
     a = torch.randn(b, g, k, k, generator=gen, dtype=F64)
@@ -337,6 +344,15 @@ def test_compiled_kernels_equal_the_pytorch_path(dtype, tol, robust, pose_views,
     out_ref = (ref.jvp(p), ref.vjp(u), ref.gauss_newton(p), ref.block_diagonal(), ref.diagonal())
     for name, a, b in zip(("jvp", "vjp", "gauss_newton", "blocks", "diagonal"), out_fast, out_ref):
         close(a, b, name)
+    # The preconditioner's partition (SH degree 1: the main block and one per colour channel,
+    # each restricted to the feature rows its columns move) through both paths.
+    parts = ref.block_partition()
+    assert len(parts) == 4
+    monkeypatch.undo()
+    fast_parts = [fast.block_diagonal(cols, rows) for cols, rows in parts]
+    monkeypatch.setattr(native, "usable", lambda *tensors: None)
+    for k, ((cols, rows), a) in enumerate(zip(parts, fast_parts)):
+        close(a, ref.block_diagonal(cols, rows), f"partition block {k}")
 
 
 @needs_native
@@ -438,3 +454,30 @@ def test_compiled_kernels_refuse_inconsistent_pair_arrays():
         mod.pj_gauss_newton(torch.zeros(4, 8), gid, pixel, g_alpha, d_alpha, weight, None, 4, p)
     with pytest.raises(RuntimeError, match="sorted by pixel"):
         mod.pj_vjp(torch.zeros(p, 3), gid, pixel.flip(0).contiguous(), g_alpha, d_alpha, weight, 4, 1)
+
+
+@needs_native
+def test_compiled_products_with_f_refuse_inconsistent_factors():
+    """``F p``, ``F^T ct`` and the blocks read F's factors through the slot table: factors or
+    slots that do not belong together are refused by name, not read out of range."""
+    mod = native.usable(torch.zeros(1))
+    b, v, g, n_geo, d_sh = 1, 2, 3, 10, 4
+    n = b * v * g
+    geo, opacity, color = torch.zeros(n, 9, n_geo), torch.zeros(n), torch.zeros(n, 3, d_sh)
+    n_i = n_geo + 1 + 3 * d_sh
+    slots = torch.arange(g * n_i).reshape(g, n_i)
+    p = torch.zeros(b, g * n_i)
+    assert mod.pj_tangent(geo, opacity, color, p, slots, v).shape == (n, 9)  # consistent: fine
+    assert mod.pj_cotangent(geo, opacity, color, torch.zeros(n, 9), slots, b, v, g * n_i).shape == (b, g * n_i)
+    with pytest.raises(RuntimeError, match="one column per column"):
+        mod.pj_tangent(geo, None, None, p, slots, v)
+    with pytest.raises(RuntimeError, match="out of p's range"):
+        mod.pj_tangent(geo, opacity, color, p[:, :-1].contiguous(), slots, v)
+    with pytest.raises(RuntimeError, match="out of the output's range"):
+        mod.pj_cotangent(geo, opacity, color, torch.zeros(n, 9), slots, b, v, g * n_i - 1)
+    with pytest.raises(RuntimeError, match="batch \\* views \\* G"):
+        mod.pj_cotangent(geo, opacity, color, torch.zeros(n, 9), slots, b, 4, g * n_i)
+    with pytest.raises(RuntimeError, match="cols out of range"):
+        mod.pj_blocks(geo, torch.zeros(n, 9, 9), torch.tensor([n_geo]), torch.arange(9), b, v)
+    with pytest.raises(RuntimeError, match="moments must be"):
+        mod.pj_blocks(geo, torch.zeros(n, 9, 8), torch.arange(n_geo), torch.arange(9), b, v)

@@ -258,6 +258,193 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
   return moments;
 }
 
+// Per-Gaussian blocks of J^T W J over the columns `cols` of F, from the feature moments:
+// B[b, g] = sum over views v of F_s^T M_s F_s, F_s = F[(b, v, g)][rows][:, cols] (r x k) and
+// M_s = M[(b, v, g)][rows][:, rows]. One task per (b, g) block, the views summed in order, so
+// the result does not depend on the thread count. F is mostly zeros (a feature moves with
+// few slots: the geometry moves mean and conic, the opacity logit only the opacity, the DC
+// only its colour channel), so zero entries of F are skipped in both products.
+template <typename T>
+torch::Tensor blocks_impl(const torch::Tensor& feat_jac, const torch::Tensor& moments, const torch::Tensor& cols,
+                          const torch::Tensor& rows, int64_t batch, int64_t views) {
+  const int64_t n = feat_jac.size(0), ns = feat_jac.size(2);
+  const int64_t k = cols.numel(), r = rows.numel();
+  const int64_t g = n / (batch * views);
+  auto out = torch::zeros({batch * g, k, k}, feat_jac.options());
+  const T* F = feat_jac.data_ptr<T>();
+  const T* M = moments.data_ptr<T>();
+  const int64_t* cs = cols.data_ptr<int64_t>();
+  const int64_t* rs = rows.data_ptr<int64_t>();
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, batch * g, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<double> f(r * k), mf(r * k), acc(k * k);
+    for (int64_t bg = lo; bg < hi; ++bg) {
+      const int64_t bi = bg / g, gi = bg % g;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t vi = 0; vi < views; ++vi) {
+        const int64_t row = (bi * views + vi) * g + gi;
+        const T* Fr = F + row * kF * ns;
+        const T* Mr = M + row * kF * kF;
+        for (int64_t a = 0; a < r; ++a)
+          for (int64_t s = 0; s < k; ++s) f[a * k + s] = double(Fr[rs[a] * ns + cs[s]]);
+        // mf = M_s F_s
+        std::fill(mf.begin(), mf.end(), 0.0);
+        for (int64_t c = 0; c < r; ++c) {
+          for (int64_t s = 0; s < k; ++s) {
+            const double x = f[c * k + s];
+            if (x == 0.0) continue;
+            for (int64_t a = 0; a < r; ++a) mf[a * k + s] += double(Mr[rs[a] * kF + rs[c]]) * x;
+          }
+        }
+        // acc += F_s^T mf (upper triangle; the block is symmetric)
+        for (int64_t a = 0; a < r; ++a) {
+          for (int64_t s = 0; s < k; ++s) {
+            const double x = f[a * k + s];
+            if (x == 0.0) continue;
+            const double* m = &mf[a * k];
+            double* o = &acc[s * k];
+            for (int64_t t = s; t < k; ++t) o[t] += x * m[t];
+          }
+        }
+      }
+      T* Ob = O + bg * k * k;
+      for (int64_t s = 0; s < k; ++s)
+        for (int64_t t = s; t < k; ++t) {
+          Ob[s * k + t] = T(acc[s * k + t]);
+          Ob[t * k + s] = T(acc[s * k + t]);
+        }
+    }
+  });
+  return out;
+}
+
+// The products with F, the Jacobian of the projected features in the parameter slots:
+// row n = (b, v, g) of F is geo [9, n_geo] (the geometry columns, dense) followed, when
+// `opacity` is given, by the factored appearance columns: d(opacity)/d(logit) = opacity[n]
+// and dc_k/dsh_kj = color[n, k, j] (slot order: opacity logit, the DC of the three channels,
+// then each channel's higher coefficients). p and the cotangent are read and written through
+// slots [G, n_i], the flat parameter index of each Gaussian's slots.
+template <typename T>
+struct FRow {
+  const T* geo; const T* opacity; const T* color; int64_t n_geo, d_sh;
+};
+
+template <typename T>
+torch::Tensor tangent_impl(const torch::Tensor& geo, const torch::Tensor* opacity, const torch::Tensor* color,
+                           const torch::Tensor& p, const torch::Tensor& slots, int64_t views) {
+  const int64_t n = geo.size(0), n_geo = geo.size(2);
+  const int64_t batch = p.size(0), n_par = p.size(1), g = slots.size(0), n_i = slots.size(1);
+  const int64_t d_sh = color ? color->size(2) : 0;
+  auto out = torch::empty({n, kF}, geo.options());
+  const T* G = geo.data_ptr<T>();
+  const T* O = opacity ? opacity->data_ptr<T>() : nullptr;
+  const T* C = color ? color->data_ptr<T>() : nullptr;
+  const T* P = p.data_ptr<T>();
+  const int64_t* S = slots.data_ptr<int64_t>();
+  T* Q = out.data_ptr<T>();
+  at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
+    std::vector<T> ps(n_i);
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t gi = row % g, bi = row / (views * g);
+      const T* pb = P + bi * n_par;
+      const int64_t* sl = S + gi * n_i;
+      for (int64_t s = 0; s < n_i; ++s) ps[s] = pb[sl[s]];
+      const T* Gr = G + row * kF * n_geo;
+      T* q = Q + row * kF;
+      for (int f = 0; f < kF; ++f) {
+        T acc = 0;
+        for (int64_t s = 0; s < n_geo; ++s) acc += Gr[f * n_geo + s] * ps[s];
+        q[f] = acc;
+      }
+      if (O) {
+        const T* pa = ps.data() + n_geo;
+        q[5] += O[row] * pa[0];
+        const T* Cr = C + row * 3 * d_sh;
+        for (int c = 0; c < 3; ++c) {
+          T acc = Cr[c * d_sh] * pa[1 + c];
+          for (int64_t j = 1; j < d_sh; ++j) acc += Cr[c * d_sh + j] * pa[4 + c * (d_sh - 1) + j - 1];
+          q[6 + c] += acc;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+template <typename T>
+torch::Tensor cotangent_impl(const torch::Tensor& geo, const torch::Tensor* opacity, const torch::Tensor* color,
+                             const torch::Tensor& ct, const torch::Tensor& slots, int64_t batch, int64_t views,
+                             int64_t n_out) {
+  const int64_t n_geo = geo.size(2), g = slots.size(0), n_i = slots.size(1);
+  const int64_t d_sh = color ? color->size(2) : 0;
+  auto out = torch::zeros({batch, n_out}, geo.options());
+  const T* G = geo.data_ptr<T>();
+  const T* O = opacity ? opacity->data_ptr<T>() : nullptr;
+  const T* C = color ? color->data_ptr<T>() : nullptr;
+  const T* U = ct.data_ptr<T>();
+  const int64_t* S = slots.data_ptr<int64_t>();
+  T* R = out.data_ptr<T>();
+  // One task per (b, Gaussian): its views are summed in order, and it alone writes its slots.
+  at::parallel_for(0, batch * g, 256, [&](int64_t lo, int64_t hi) {
+    std::vector<T> acc(n_i);
+    for (int64_t bg = lo; bg < hi; ++bg) {
+      const int64_t bi = bg / g, gi = bg % g;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t vi = 0; vi < views; ++vi) {
+        const int64_t row = (bi * views + vi) * g + gi;
+        const T* Gr = G + row * kF * n_geo;
+        const T* u = U + row * kF;
+        for (int64_t s = 0; s < n_geo; ++s) {
+          T a = 0;
+          for (int f = 0; f < kF; ++f) a += Gr[f * n_geo + s] * u[f];
+          acc[s] += a;
+        }
+        if (O) {
+          T* pa = acc.data() + n_geo;
+          pa[0] += O[row] * u[5];
+          const T* Cr = C + row * 3 * d_sh;
+          for (int c = 0; c < 3; ++c) {
+            pa[1 + c] += Cr[c * d_sh] * u[6 + c];
+            for (int64_t j = 1; j < d_sh; ++j) pa[4 + c * (d_sh - 1) + j - 1] += Cr[c * d_sh + j] * u[6 + c];
+          }
+        }
+      }
+      T* rb = R + bi * n_out;
+      const int64_t* sl = S + gi * n_i;
+      for (int64_t s = 0; s < n_i; ++s) rb[sl[s]] = acc[s];
+    }
+  });
+  return out;
+}
+
+// z[b, slots[g]] = inv[b, g] r[b, slots[g]] for every block (the block-Jacobi preconditioner's
+// application); the other entries of z keep their values. One task per block.
+template <typename T>
+void block_apply_impl(const torch::Tensor& inv, const torch::Tensor& r, const torch::Tensor& slots,
+                      torch::Tensor& z) {
+  const int64_t batch = r.size(0), n = r.size(1), g = slots.size(0), k = slots.size(1);
+  const T* A = inv.data_ptr<T>();
+  const T* R = r.data_ptr<T>();
+  const int64_t* S = slots.data_ptr<int64_t>();
+  T* Z = z.data_ptr<T>();
+  at::parallel_for(0, batch * g, 256, [&](int64_t lo, int64_t hi) {
+    std::vector<T> rb(k);
+    for (int64_t bg = lo; bg < hi; ++bg) {
+      const int64_t bi = bg / g, gi = bg % g;
+      const int64_t* sl = S + gi * k;
+      const T* rr = R + bi * n;
+      for (int64_t j = 0; j < k; ++j) rb[j] = rr[sl[j]];
+      const T* Ab = A + bg * k * k;
+      T* zz = Z + bi * n;
+      for (int64_t i = 0; i < k; ++i) {
+        T acc = 0;
+        for (int64_t j = 0; j < k; ++j) acc += Ab[i * k + j] * rb[j];
+        zz[sl[i]] = acc;
+      }
+    }
+  });
+}
+
 // Inverses of small SPD blocks [M, k, k] by Cholesky (in double), one block per task; a block
 // whose factorization meets a non-positive pivot gets the inverse of its diagonal instead
 // (flagged in ok = 0), as the PyTorch path of the block preconditioner does.
@@ -379,6 +566,95 @@ torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor 
   return out;
 }
 
+torch::Tensor pj_blocks(torch::Tensor feat_jac, torch::Tensor moments, torch::Tensor cols, torch::Tensor rows,
+                        int64_t batch, int64_t views) {
+  check(feat_jac, "feat_jac"); check(moments, "moments"); check(cols, "cols"); check(rows, "rows");
+  TORCH_CHECK(feat_jac.dim() == 3 && feat_jac.size(1) == kF, "feat_jac must be [N, 9, n_i]");
+  TORCH_CHECK(moments.dim() == 3 && moments.size(0) == feat_jac.size(0) && moments.size(1) == kF &&
+              moments.size(2) == kF && moments.scalar_type() == feat_jac.scalar_type(),
+              "moments must be [N, 9, 9] of feat_jac's dtype");
+  TORCH_CHECK(cols.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64, "cols and rows must be int64");
+  TORCH_CHECK(batch > 0 && views > 0 && feat_jac.size(0) % (batch * views) == 0, "N must be batch * views * G");
+  const int64_t ns = feat_jac.size(2);
+  auto c = cols.accessor<int64_t, 1>();
+  for (int64_t i = 0; i < cols.numel(); ++i) TORCH_CHECK(c[i] >= 0 && c[i] < ns, "cols out of range");
+  auto rr = rows.accessor<int64_t, 1>();
+  for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rr[i] >= 0 && rr[i] < kF, "rows out of range");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(feat_jac.scalar_type(), "diff3r_pj_blocks", [&] {
+    out = blocks_impl<scalar_t>(feat_jac, moments, cols, rows, batch, views);
+  });
+  return out;
+}
+
+// Shapes of F's factors against the slots: geo [N, 9, n_geo], opacity [N] and color [N, 3, d_sh]
+// (both or neither), slots [G, n_i] with n_i = n_geo (+ 1 + 3 d_sh with the appearance).
+void check_f(const torch::Tensor& geo, const c10::optional<torch::Tensor>& opacity,
+             const c10::optional<torch::Tensor>& color, const torch::Tensor& slots, int64_t views) {
+  check(geo, "geo"); check(slots, "slots");
+  TORCH_CHECK(geo.dim() == 3 && geo.size(1) == kF, "geo must be [N, 9, n_geo]");
+  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kInt64, "slots must be int64 [G, n_i]");
+  TORCH_CHECK(views > 0 && slots.size(0) > 0 && geo.size(0) % (views * slots.size(0)) == 0,
+              "N must be batch * views * G");
+  TORCH_CHECK(opacity.has_value() == color.has_value(), "opacity and color come together");
+  int64_t n_i = geo.size(2);
+  if (opacity) {
+    check(*opacity, "opacity"); check(*color, "color");
+    TORCH_CHECK(opacity->numel() == geo.size(0) && color->dim() == 3 && color->size(0) == geo.size(0) &&
+                color->size(1) == 3 && color->size(2) >= 1, "opacity must be [N] and color [N, 3, d_sh]");
+    TORCH_CHECK(opacity->scalar_type() == geo.scalar_type() && color->scalar_type() == geo.scalar_type(),
+                "F's factors must share one dtype");
+    n_i += 1 + 3 * color->size(2);
+  }
+  TORCH_CHECK(slots.size(1) == n_i, "slots must have one column per column of F");
+}
+
+torch::Tensor pj_tangent(torch::Tensor geo, c10::optional<torch::Tensor> opacity, c10::optional<torch::Tensor> color,
+                         torch::Tensor p, torch::Tensor slots, int64_t views) {
+  check_f(geo, opacity, color, slots, views); check(p, "p");
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == geo.scalar_type() &&
+              p.size(0) * views * slots.size(0) == geo.size(0), "p must be [batch, n] of geo's dtype");
+  TORCH_CHECK(slots.numel() == 0 || slots.max().item<int64_t>() < p.size(1), "slots out of p's range");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(geo.scalar_type(), "diff3r_pj_tangent", [&] {
+    out = tangent_impl<scalar_t>(geo, opacity ? &(*opacity) : nullptr, color ? &(*color) : nullptr, p, slots,
+                                 views);
+  });
+  return out;
+}
+
+torch::Tensor pj_cotangent(torch::Tensor geo, c10::optional<torch::Tensor> opacity,
+                           c10::optional<torch::Tensor> color, torch::Tensor ct, torch::Tensor slots,
+                           int64_t batch, int64_t views, int64_t n_out) {
+  check_f(geo, opacity, color, slots, views); check(ct, "ct");
+  TORCH_CHECK(ct.dim() == 2 && ct.size(0) == geo.size(0) && ct.size(1) == kF &&
+              ct.scalar_type() == geo.scalar_type(), "ct must be [N, 9] of geo's dtype");
+  TORCH_CHECK(batch * views * slots.size(0) == geo.size(0), "N must be batch * views * G");
+  TORCH_CHECK(slots.numel() == 0 || slots.max().item<int64_t>() < n_out, "slots out of the output's range");
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(geo.scalar_type(), "diff3r_pj_cotangent", [&] {
+    out = cotangent_impl<scalar_t>(geo, opacity ? &(*opacity) : nullptr, color ? &(*color) : nullptr, ct, slots,
+                                   batch, views, n_out);
+  });
+  return out;
+}
+
+torch::Tensor pj_block_apply(torch::Tensor inv, torch::Tensor r, torch::Tensor slots, torch::Tensor z) {
+  check(inv, "inv"); check(r, "r"); check(slots, "slots"); check(z, "z");
+  TORCH_CHECK(r.dim() == 2 && z.sizes() == r.sizes() && z.scalar_type() == r.scalar_type(), "r and z must be [b, n]");
+  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kInt64, "slots must be int64 [G, k]");
+  TORCH_CHECK(inv.dim() == 3 && inv.size(0) == r.size(0) * slots.size(0) && inv.size(1) == slots.size(1) &&
+              inv.size(2) == slots.size(1) && inv.scalar_type() == r.scalar_type(),
+              "inv must be [b * G, k, k] of r's dtype");
+  TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < r.size(1)),
+              "slots out of r's range");
+  auto out = z.clone();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "diff3r_pj_block_apply", [&] {
+    block_apply_impl<scalar_t>(inv, r, slots, out);
+  });
+  return out;
+}
+
 torch::Tensor pj_moments(torch::Tensor gid, torch::Tensor pixel, torch::Tensor g_alpha,
                          torch::Tensor d_alpha, torch::Tensor weight, c10::optional<torch::Tensor> sqrt_w,
                          int64_t num_rows, int64_t pixels_per_view) {
@@ -401,4 +677,8 @@ void register_pair_jacobian(pybind11::module& m) {
   m.def("pj_gauss_newton", &pj_gauss_newton, "J^T W J p over the pairs, feature tangents to cotangents");
   m.def("pj_spd_inverse", &pj_spd_inverse, "inverses of small SPD blocks by Cholesky (diagonal fallback)");
   m.def("pj_moments", &pj_moments, "per-(view, Gaussian) moments of the pair factors");
+  m.def("pj_tangent", &pj_tangent, "F p: feature tangents from parameter tangents");
+  m.def("pj_cotangent", &pj_cotangent, "F^T ct summed over views: parameter cotangents");
+  m.def("pj_block_apply", &pj_block_apply, "z with each block's entries replaced by inv r (block Jacobi)");
+  m.def("pj_blocks", &pj_blocks, "per-Gaussian blocks F^T M F of J^T W J, summed over views");
 }
