@@ -352,13 +352,17 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                    pcg_maxiter: int = 8,
                    precond_probes: int = 1, grad_cosine_every: int = 10, eval_batch: int = 4,
                    progress: bool = True, train_steps: int | None = None,
-                   window_stride: int = 1,
+                   window_stride: int = 1, train_inner_solver: str = "adam",
                    constant_lambda: float | None = None, **_ignored) -> dict:
     """Run the protocol of the module docstring; returns the JSON-ready result.
 
     ``train_steps`` fixes ``N`` (skipping the validation-curve choice); ``constant_lambda``
-    fixes the baseline's TTO Lambda (skipping its validation choice).
+    fixes the baseline's TTO Lambda (skipping its validation choice). ``train_inner_solver``:
+    the layer's inner solver in training (``"lm"``: ``tto_steps`` damped LM steps with the
+    option file's damping and PCG caps); the test-time TTO is Adam either way.
     """
+    if train_inner_solver not in ("adam", "lm"):
+        raise ValueError(f"train_inner_solver must be 'adam' or 'lm', got {train_inner_solver!r}")
     from ..data.embedded import EmbeddedDataset
     from ..training import tto_config
 
@@ -375,6 +379,9 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
     cfg = tto_config(tto_steps, lr_scale=lr_scale, pcg_maxiter=pcg_maxiter,
                      constant_lambda=1.0, precond_probes=precond_probes)
     eval_cfg = cfg.merge({"steps": eval_tto_steps})
+    if train_inner_solver == "lm":
+        # Only the training layer changes: the evaluation keeps the protocol's Adam TTO.
+        cfg = cfg.merge({"inner_solver": "lm"})
     shape = (image_size, image_size)
     train_ds = EmbeddedDataset(scenes, image_shape=shape, cache=True)
     batches = [train_ds[i] for i in range(len(train_ds))]
@@ -602,6 +609,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         "lambda_variants": variants,
         "tto": {"train_steps": cfg.steps, "eval_steps": eval_cfg.steps,
                 "steps_list": steps_list, "inner_solver": cfg.inner_solver,
+                "eval_inner_solver": eval_cfg.inner_solver,
                 "lr_scale": lr_scale, "backward": cfg.backward, "pcg_maxiter": cfg.pcg_maxiter,
                 "constant_lambda": best_lambda, "naive_lambda": NAIVE_LAMBDA,
                 "mean_inner_stationarity": _mean([l.get("stationarity") for l in d_logs]),
@@ -656,6 +664,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tto-steps", type=int, default=100, help="test-time TTO steps")
     p.add_argument("--steps-list", type=str, default=None, help="e.g. 0,10,30,100")
     p.add_argument("--lambda-grid", type=str, default="0.1,1,10")
+    p.add_argument("--train-inner-solver", choices=("adam", "lm"), default="adam",
+                   help="inner solver of the training layer (the test-time TTO stays Adam)")
     p.add_argument("--head-init", type=float, default=0.1,
                    help="initial Lambda of the Diff3R uncertainty head")
     p.add_argument("--constant-lambda", type=float, default=None,
@@ -686,5 +696,5 @@ def run(args) -> dict:
         constant_lambda=args.constant_lambda, lr=args.lr, head_lr=args.head_lr,
         head_init=args.head_init, lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
         grad_cosine_every=args.grad_cosine_every, eval_batch=args.eval_batch,
-        window_stride=args.window_stride,
+        window_stride=args.window_stride, train_inner_solver=args.train_inner_solver,
         progress=not args.no_progress)

@@ -255,3 +255,16 @@ def test_baseline_lambda_choice_leaves_no_optimum_on_the_grid_edge(monkeypatch, 
     best, rows = exp._choose_lambda(None, [], None, grid, [0, 1], False)
     assert best == pytest.approx(chosen)
     assert sorted(r["lambda"] for r in rows) == pytest.approx(sorted(tried))
+
+
+def test_quick_experiment_trains_through_lm_and_evaluates_with_adam(tmp_path):
+    """``train_inner_solver="lm"`` changes the training layer only: the test-time TTO (and so
+    every reported PSNR) stays the protocol's Adam solve."""
+    res = run_experiment(quick=True, out=str(tmp_path), progress=False, data=None, pose_free=False,
+                         train_inner_solver="lm")
+    tto = res["training"]["tto"]
+    assert tto["inner_solver"] == "lm" and tto["eval_inner_solver"] == "adam"
+    assert res["training"]["grad_cosine"]["samples"] > 0
+    _check_table(res["embedded"], PROTOCOL, len(res["training"]["seeds"]))
+    with pytest.raises(ValueError, match="train_inner_solver"):
+        run_experiment(quick=True, progress=False, data=None, train_inner_solver="newton")
