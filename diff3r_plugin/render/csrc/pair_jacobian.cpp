@@ -325,15 +325,10 @@ torch::Tensor blocks_impl(const torch::Tensor& feat_jac, const torch::Tensor& mo
 // then each channel's higher coefficients). p and the cotangent are read and written through
 // slots [G, n_i], the flat parameter index of each Gaussian's slots.
 template <typename T>
-struct FRow {
-  const T* geo; const T* opacity; const T* color; int64_t n_geo, d_sh;
-};
-
-template <typename T>
 torch::Tensor tangent_impl(const torch::Tensor& geo, const torch::Tensor* opacity, const torch::Tensor* color,
                            const torch::Tensor& p, const torch::Tensor& slots, int64_t views) {
   const int64_t n = geo.size(0), n_geo = geo.size(2);
-  const int64_t batch = p.size(0), n_par = p.size(1), g = slots.size(0), n_i = slots.size(1);
+  const int64_t n_par = p.size(1), g = slots.size(0), n_i = slots.size(1);
   const int64_t d_sh = color ? color->size(2) : 0;
   auto out = torch::empty({n, kF}, geo.options());
   const T* G = geo.data_ptr<T>();
