@@ -74,9 +74,8 @@ def block_preconditioner(parts: list[tuple[Float[Tensor, "batch gaussian _ _"], 
 
     def apply(r: Tensor, idx: Tensor) -> Tensor:
         z = r / (diag if idx.numel() == whole else diag.index_select(0, idx))
-        mod = native.usable(r, *(inv for inv, _, _ in factors))
-        if mod is not None and idx.numel() == whole and not (torch.is_grad_enabled() and r.requires_grad) \
-                and all(inv.dtype == r.dtype for inv, _, _ in factors):
+        mod = native.usable_values(r, *(inv for inv, _, _ in factors)) if idx.numel() == whole else None
+        if mod is not None:
             # Compiled: each block's small matrix-vector product in place of a broadcast
             # product and a sum over a [b, G, k, k] temporary.
             r = r.contiguous()

@@ -51,11 +51,7 @@ def _compiled(*tensors: Tensor):
     Only for values: where a product must stay on an autograd graph (the unrolled LM's
     differentiable linearization), in forward mode or off the CPU, the PyTorch path runs.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if len({t.dtype for t in tensors}) > 1:
-        return None
-    return native.usable(*tensors)
+    return native.usable_values(*tensors)
 
 
 def _index(t: Tensor) -> Tensor:

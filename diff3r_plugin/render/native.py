@@ -112,6 +112,20 @@ def usable(*tensors: Tensor):
     return _load()
 
 
+def usable_values(*tensors: Tensor):
+    """The compiled module for kernels that compute values only, else None.
+
+    Where a result must stay on an autograd graph (the unrolled LM's differentiable
+    linearization), in forward mode, off the CPU, or for tensors of mixed dtypes, the caller's
+    PyTorch path runs.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if len({t.dtype for t in tensors}) > 1:
+        return None
+    return usable(*tensors)
+
+
 def plan_pairs(mod, box: Tensor, packed: Tensor, depth: Tensor, per_view: int,
                image_shape: tuple[int, int], num_pixels: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``gaussian, pixel, seg_start, px, py`` of a plan (see :func:`.torch_backend.build_plan`).
