@@ -353,16 +353,22 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                    precond_probes: int = 1, grad_cosine_every: int = 10, eval_batch: int = 4,
                    progress: bool = True, train_steps: int | None = None,
                    window_stride: int = 1, train_inner_solver: str = "adam",
-                   constant_lambda: float | None = None, **_ignored) -> dict:
+                   constant_lambda: float | None = None, evaluate_on: str = "test",
+                   **_ignored) -> dict:
     """Run the protocol of the module docstring; returns the JSON-ready result.
 
     ``train_steps`` fixes ``N`` (skipping the validation-curve choice); ``constant_lambda``
     fixes the baseline's TTO Lambda (skipping its validation choice). ``train_inner_solver``:
     the layer's inner solver in training (``"lm"``: ``tto_steps`` damped LM steps with the
     option file's damping and PCG caps); the test-time TTO is Adam either way.
+    ``evaluate_on="validation"``: the trained models are evaluated on the validation scenes
+    only (``result["validation"]``, same shape as ``real``), never on the real or test
+    scenes, so that a training setting can be chosen without looking at the reported data.
     """
     if train_inner_solver not in ("adam", "lm"):
         raise ValueError(f"train_inner_solver must be 'adam' or 'lm', got {train_inner_solver!r}")
+    if evaluate_on not in ("test", "validation"):
+        raise ValueError(f"evaluate_on must be 'test' or 'validation', got {evaluate_on!r}")
     from ..data.embedded import EmbeddedDataset
     from ..training import tto_config
 
@@ -395,6 +401,10 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                                           stride=window_stride)
         if max_windows is not None:
             real_examples = real_examples[:max_windows]
+    splits = (("real", real_examples), ("embedded", emb_examples))
+    if evaluate_on == "validation":  # the reported data stay unseen while settings are chosen
+        real_examples, emb_examples, pose_free = None, None, False
+        splits = (("validation", val),)
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -449,7 +459,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
     note(f"baseline TTO Lambda = {best_lambda} ({timings['lambda_choice']:.0f} s): {variants}")
 
     # 3. Per seed: train, save, evaluate.
-    per_seed = {"real": [], "embedded": []}
+    per_seed = {name: [] for name, _ in splits}
     hists, grad_cos, mem = [], [], {}
     first_eval = {}
     for k in range(seeds):
@@ -480,7 +490,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             save_checkpoint(sd / "diff3r_unroll.pt", *models["diff3r_unroll"], eval_cfg.to_dict(),
                             **meta)
         t = time.perf_counter()
-        for split, examples in (("real", real_examples), ("embedded", emb_examples)):
+        for split, examples in splits:
             if not examples:
                 continue
             res = evaluate(models, examples, eval_cfg, methods=PROTOCOL_METHODS,
@@ -537,12 +547,14 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         note(f"pose-free done in {timings['pose_free']:.0f} s")
 
     # 5. Aggregate.
-    result: dict = {}
+    result: dict = {"evaluated_on": evaluate_on}
     for split in ("real", "embedded"):
+        per_seed.setdefault(split, [])
+    for split in per_seed:
         result[split] = _aggregate(per_seed[split], PROTOCOL_METHODS) if per_seed[split] else {}
     result["pose_free"] = pose_free_result
     result["psnr_vs_steps"], result["peak_step"] = {}, {}
-    for split in ("real", "embedded"):
+    for split in per_seed:
         if per_seed[split]:
             result["psnr_vs_steps"][split], result["peak_step"][split] = _curves(per_seed[split])
         else:
@@ -552,10 +564,10 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         result["peak_step"]["pose_free"] = pose_free_result["peak_step"]
     result["lambda_overlap_ratio"] = {
         split: (_overlap_ratio(per_seed[split])["ratio"] if per_seed[split] else None)
-        for split in ("real", "embedded")}
+        for split in per_seed}
     result["lambda_overlap_ratio_per_seed"] = {
         split: (_overlap_ratio(per_seed[split])["per_seed"] if per_seed[split] else [])
-        for split in ("real", "embedded")}
+        for split in per_seed}
     ok, reason = lpips_available()
     result["lpips_note"] = None if ok else reason + " (LPIPS reported as null)"
     n_views = len(per_seed["real"][0]["metrics"]["zero_shot"]["per_view_psnr"]) if per_seed["real"] else 0
@@ -566,9 +578,9 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
     result["per_scene_psnr"] = {
         split: {m: per_seed[split][0]["metrics"][m]["per_scene_psnr"]
                 for m in per_seed[split][0]["metrics"]} if per_seed[split] else {}
-        for split in ("real", "embedded")}
+        for split in per_seed}
     result["lambda_mean"] = {split: per_seed[split][0]["lambda_mean"] if per_seed[split] else {}
-                             for split in ("real", "embedded")}
+                             for split in per_seed}
 
     def seconds_per_step(name):
         vals = [l["step_seconds"] for h in hists if h.get(name) is not None
@@ -613,13 +625,14 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                 "lr_scale": lr_scale, "backward": cfg.backward, "pcg_maxiter": cfg.pcg_maxiter,
                 "constant_lambda": best_lambda, "naive_lambda": NAIVE_LAMBDA,
                 "mean_inner_stationarity": _mean([l.get("stationarity") for l in d_logs]),
-                "note": "implicit gradient is approximate: K Adam steps do not reach a "
-                        "stationary point and PCG is capped; grad_cosine says how far"},
+                "note": f"implicit gradient is approximate: K {cfg.inner_solver} steps need "
+                        "not reach a stationary point and PCG is capped; grad_cosine says how far"},
         "timings_s": timings,
     }
     result["seed"] = seed
     if out_dir:
-        for split, title in (("real", "real (every window)"), ("embedded", "held-out embedded")):
+        for split, title in (("real", "real (every window)"), ("embedded", "held-out embedded"),
+                             ("validation", "validation scenes")):
             if split in first_eval:
                 save_grid(first_eval[split], out_dir / f"grid_{split}.png")
                 save_steps_plot(result["psnr_vs_steps"][split], out_dir / f"psnr_vs_steps_{split}.png",
@@ -666,6 +679,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-grid", type=str, default="0.1,1,10")
     p.add_argument("--train-inner-solver", choices=("adam", "lm"), default="adam",
                    help="inner solver of the training layer (the test-time TTO stays Adam)")
+    p.add_argument("--evaluate-on", choices=("test", "validation"), default="test",
+                   help="'validation': evaluate on the validation scenes only, to choose settings")
     p.add_argument("--head-init", type=float, default=0.1,
                    help="initial Lambda of the Diff3R uncertainty head")
     p.add_argument("--constant-lambda", type=float, default=None,
@@ -697,4 +712,5 @@ def run(args) -> dict:
         head_init=args.head_init, lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
         grad_cosine_every=args.grad_cosine_every, eval_batch=args.eval_batch,
         window_stride=args.window_stride, train_inner_solver=args.train_inner_solver,
+        evaluate_on=args.evaluate_on,
         progress=not args.no_progress)

@@ -268,3 +268,32 @@ def test_quick_experiment_trains_through_lm_and_evaluates_with_adam(tmp_path):
     _check_table(res["embedded"], PROTOCOL, len(res["training"]["seeds"]))
     with pytest.raises(ValueError, match="train_inner_solver"):
         run_experiment(quick=True, progress=False, data=None, train_inner_solver="newton")
+
+
+def test_quick_experiment_on_validation_never_touches_the_reported_scenes(tmp_path, monkeypatch):
+    """``evaluate_on="validation"`` evaluates on the validation scenes only: the real windows and
+    the held-out test scenes are not even loaded into the evaluation."""
+    import diff3r_plugin.evaluation.experiment as exp
+    from diff3r_plugin.data.embedded.dataset import HELD_OUT_SEED_START
+    from diff3r_plugin.evaluation.experiment import VALIDATION_OFFSET
+
+    seen = []
+    real_evaluate = exp.evaluate
+
+    def spy(models, examples, *args, **kwargs):
+        seen.extend(name for ex in examples for name in ex["scene"])
+        return real_evaluate(models, examples, *args, **kwargs)
+
+    monkeypatch.setattr(exp, "evaluate", spy)
+    res = run_experiment(quick=True, out=str(tmp_path), progress=False, data="default",
+                         evaluate_on="validation")
+    assert res["evaluated_on"] == "validation"
+    assert res["real"] == {} and res["embedded"] == {} and res["pose_free"] == {}
+    _check_table(res["validation"], PROTOCOL, len(res["training"]["seeds"]))
+    assert {k for k, v in res["psnr_vs_steps"].items() if v} == {"validation"}
+    assert (tmp_path / "grid_validation.png").is_file()
+    first_val = HELD_OUT_SEED_START + VALIDATION_OFFSET
+    assert seen and all(name.startswith("embedded_") and int(name.split("_")[1]) >= first_val
+                        for name in seen), seen
+    with pytest.raises(ValueError, match="evaluate_on"):
+        run_experiment(quick=True, progress=False, data=None, evaluate_on="real")
