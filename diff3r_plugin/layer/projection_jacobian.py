@@ -24,6 +24,11 @@ projection; the forward quantities they need come from the projection's own
 
 Culled Gaussians (behind the near plane, degenerate 2D covariance) use the same constant
 stand-ins as the projection, so the columns equal its derivative everywhere.
+
+On the CPU, with values only (no autograd graph, no forward mode), the mean and conic rows come
+from one compiled pass per (view, Gaussian) (``render/csrc/projection_jacobian.cpp``, the same
+formulas); the PyTorch code below is the path of everything else and the reference the kernel is
+tested against.
 """
 
 import torch
@@ -32,7 +37,9 @@ from torch import Tensor
 
 from ..gaussians.layout import build_covariance
 from ..geometry.sh import MAX_RENDER_DEGREE, SHBasis, degree_from_coeffs, sh_basis_values
-from ..render.common import ewa_terms, view_directions
+from ..geometry.cameras import focal_pixels, get_fov, invert_rigid
+from ..render import native
+from ..render.common import FOV_CLAMP, NEAR_CULL_FACTOR, ewa_terms, view_directions
 
 GEOMETRY_SLOTS = 10  # means (3), log-scales (3), quaternion (4)
 
@@ -92,6 +99,12 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
     """
     b, g = means.shape[:2]
     v = extrinsics.shape[1]
+    mod = native.usable_values(means, log_scales, quats, harmonics, extrinsics, intrinsics, near, color)
+    if mod is not None:
+        cols = _compiled_mean_conic_rows(mod, means, log_scales, quats, extrinsics, intrinsics, near,
+                                         image_shape)
+        _add_color_rows(cols, means, harmonics, extrinsics, sh_basis, color)
+        return cols.reshape(b * v * g, 9, GEOMETRY_SLOTS)
     e = ewa_terms(means, build_covariance(log_scales, quats), extrinsics, intrinsics, near, image_shape)
     dtype = means.dtype
     vf = e.valid.to(dtype)
@@ -150,11 +163,31 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
                            -(db * dets[..., None] - bb[..., None] * ddet) * inv2,
                            (da * dets[..., None] - a[..., None] * ddet) * inv2], -2)  # [b, v, g, 3, 10]
 
-    # Colour along the means (view-dependent SH only).
     n = b * v * g
     cols = means.new_zeros(b, v, g, 9, GEOMETRY_SLOTS)
     cols[..., 0:2, 0:3] = d_mean2d
     cols[..., 2:5, :] = d_conic
+    _add_color_rows(cols, means, harmonics, extrinsics, sh_basis, color)
+    return cols.reshape(n, 9, GEOMETRY_SLOTS)
+
+
+def _compiled_mean_conic_rows(mod, means, log_scales, quats, extrinsics, intrinsics, near,
+                              image_shape) -> Tensor:
+    """The mean2d and conic rows ``[b, v, g, 9, 10]`` (other rows zero) from the compiled pass;
+    the per-camera quantities are those of :func:`~diff3r_plugin.render.common.ewa_terms`."""
+    w2c = invert_rigid(extrinsics)[..., :3, :]  # [b, v, 3, 4]
+    focal = focal_pixels(intrinsics, image_shape)  # [b, v, 2]
+    lim = FOV_CLAMP * (0.5 * get_fov(intrinsics)).tan()  # [b, v, 2]
+    cam = torch.cat([focal, lim, (NEAR_CULL_FACTOR * near)[..., None]], -1)  # [b, v, 5]
+    return mod.pj_geometry_columns(means.contiguous(), log_scales.contiguous(), quats.contiguous(),
+                                   w2c.contiguous(), cam.contiguous())
+
+
+def _add_color_rows(cols: Tensor, means: Tensor, harmonics: Tensor, extrinsics: Tensor,
+                    sh_basis: SHBasis, color: Tensor) -> None:
+    """Colour along the means (view-dependent SH only), written into ``cols[..., 6:9, 0:3]``."""
+    b, v, g = cols.shape[:3]
+    dtype = cols.dtype
     d_sh = harmonics.shape[-1]
     degree = min(degree_from_coeffs(d_sh), MAX_RENDER_DEGREE)
     if degree > 0:
@@ -165,4 +198,3 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
         proj = gd - (gd * dirs[..., None, :]).sum(-1, keepdim=True) * dirs[..., None, :]
         lit = (color.reshape(b, v, g, 3) > 0).detach().to(dtype)
         cols[..., 6:9, 0:3] = lit[..., None] * proj / dist[..., None]
-    return cols.reshape(n, 9, GEOMETRY_SLOTS)

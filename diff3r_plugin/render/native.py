@@ -14,7 +14,9 @@ passes, gathers and scatters over the (pixel, Gaussian) pairs, plus the sort of 
 ``csrc/pair_jacobian.cpp`` holds the kernels of the layer's explicit Jacobian
 (:mod:`diff3r_plugin.layer.sparse_jacobian`): the per-pair factors at a linearization point, the
 products ``J p``, ``J^T u`` and ``J^T W J p`` (one fused pass) and the per-Gaussian moments of the
-block preconditioner.
+block preconditioner; ``csrc/projection_jacobian.cpp`` the closed-form geometry columns of the
+projection's Jacobian (:mod:`diff3r_plugin.layer.projection_jacobian`), one pass per
+(view, Gaussian) instead of about two hundred elementwise PyTorch passes.
 
 The compiled derivative is first order. Everything else falls back to the pure-PyTorch
 composite, which supports any order and forward mode: a backward that builds a graph
@@ -36,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("raster.cpp", "pair_jacobian.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("raster.cpp", "pair_jacobian.cpp",
+                                                                 "projection_jacobian.cpp")]
 _lock = threading.Lock()
 _module = None
 _error: str | None = None

@@ -487,3 +487,55 @@ def test_compiled_products_with_f_refuse_inconsistent_factors():
         mod.pj_blocks(geo, torch.zeros(n, 9, 9), torch.tensor([n_geo]), torch.arange(9), b, v)
     with pytest.raises(RuntimeError, match="moments must be"):
         mod.pj_blocks(geo, torch.zeros(n, 9, 8), torch.arange(n_geo), torch.arange(9), b, v)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sh_degree,pose_views", [(0, 0), (2, 1)])
+def test_compiled_geometry_columns_equal_the_pytorch_path(monkeypatch, dtype, sh_degree, pose_views):
+    """The compiled geometry columns are the PyTorch path's numbers (within rounding), culled
+    and clamped Gaussians included; the PyTorch path is the one checked against forward mode."""
+    from diff3r_plugin.layer import projection_jacobian as pj
+    from diff3r_plugin.layer.sparse_jacobian import _features
+
+    obj, layout, theta = problem(gaussians=60, size=12, sh_degree=sh_degree, pose_views=pose_views,
+                                 robust="none", sh_basis="3dgs", dtype=dtype)
+    theta = theta.clone()
+    means = layout.slices["means"]
+    m = theta[:, means].reshape(theta.shape[0], -1, 3)
+    m[:, :4] = m[:, :4] * torch.tensor([1.0, 1.0, -3.0], dtype=dtype)  # behind the cameras
+    m[:, 4:8, 0] = m[:, 4:8, 0] + 40.0  # outside the clamped field of view
+    theta[:, means] = m.reshape(theta.shape[0], -1)
+    views = obj.views
+    feats, params, extr = _features(theta, layout, views)
+    args = (params.means, params.log_scales, params.quats, params.harmonics, extr, views.intrinsics,
+            views.near, views.image_shape, views.sh_basis, feats[:, 6:9])
+    calls = []
+    real = pj._compiled_mean_conic_rows
+    monkeypatch.setattr(pj, "_compiled_mean_conic_rows", lambda *a: calls.append(1) or real(*a))
+    got = pj.geometry_columns(*args)
+    assert calls, "the compiled path did not run"
+    monkeypatch.setattr(pj.native, "usable_values", lambda *t: None)
+    ref = pj.geometry_columns(*args)
+    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
+    scale = float(ref.abs().max())
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    assert scale > 0
+    assert float((got - ref).abs().max()) <= tol * scale
+
+
+@needs_native
+def test_compiled_geometry_columns_refuse_inconsistent_inputs():
+    mod = native.usable(torch.zeros(1))
+    b, g, v = 1, 5, 2
+    means, ls, q = torch.zeros(b, g, 3), torch.zeros(b, g, 3), torch.ones(b, g, 4)
+    w2c, cam = torch.zeros(b, v, 3, 4), torch.ones(b, v, 5)
+    assert mod.pj_geometry_columns(means, ls, q, w2c, cam).shape == (b, v, g, 9, 10)
+    with pytest.raises(RuntimeError, match="quats"):
+        mod.pj_geometry_columns(means, ls, torch.ones(b, g, 3), w2c, cam)
+    with pytest.raises(RuntimeError, match="share \\[b, g\\]"):
+        mod.pj_geometry_columns(means, ls, torch.ones(b, g + 1, 4), w2c, cam)
+    with pytest.raises(RuntimeError, match="share \\[b, v\\]"):
+        mod.pj_geometry_columns(means, ls, q, w2c, torch.ones(b, v + 1, 5))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        mod.pj_geometry_columns(means, ls, q, w2c.double(), cam)

@@ -292,9 +292,11 @@ torch::Tensor composite_backward(torch::Tensor attrs, torch::Tensor gid, torch::
 }  // namespace
 
 void register_pair_jacobian(pybind11::module& m);  // pair_jacobian.cpp
+void register_projection_jacobian(pybind11::module& m);  // projection_jacobian.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_pair_jacobian(m);
+  register_projection_jacobian(m);
   m.def("plan", &plan, "sorted (pixel, Gaussian) pairs");
   m.def("composite_forward", &composite_forward, "front-to-back compositing of planned pairs");
   m.def("composite_backward", &composite_backward, "reverse-mode derivative of composite_forward");
