@@ -37,9 +37,8 @@ from torch import Tensor
 
 from ..gaussians.layout import build_covariance
 from ..geometry.sh import MAX_RENDER_DEGREE, SHBasis, degree_from_coeffs, sh_basis_values
-from ..geometry.cameras import focal_pixels, get_fov, invert_rigid
 from ..render import native
-from ..render.common import FOV_CLAMP, NEAR_CULL_FACTOR, ewa_terms, view_directions
+from ..render.common import camera_terms, ewa_terms, view_directions
 
 GEOMETRY_SLOTS = 10  # means (3), log-scales (3), quaternion (4)
 
@@ -173,14 +172,9 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
 
 def _compiled_mean_conic_rows(mod, means, log_scales, quats, extrinsics, intrinsics, near,
                               image_shape) -> Tensor:
-    """The mean2d and conic rows ``[b, v, g, 9, 10]`` (other rows zero) from the compiled pass;
-    the per-camera quantities are those of :func:`~diff3r_plugin.render.common.ewa_terms`."""
-    w2c = invert_rigid(extrinsics)[..., :3, :]  # [b, v, 3, 4]
-    focal = focal_pixels(intrinsics, image_shape)  # [b, v, 2]
-    lim = FOV_CLAMP * (0.5 * get_fov(intrinsics)).tan()  # [b, v, 2]
-    cam = torch.cat([focal, lim, (NEAR_CULL_FACTOR * near)[..., None]], -1)  # [b, v, 5]
-    return mod.pj_geometry_columns(means.contiguous(), log_scales.contiguous(), quats.contiguous(),
-                                   w2c.contiguous(), cam.contiguous())
+    """The mean2d and conic rows ``[b, v, g, 9, 10]`` (other rows zero) from the compiled pass."""
+    w2c, cam = camera_terms(extrinsics, intrinsics, near, image_shape)
+    return mod.pj_geometry_columns(means.contiguous(), log_scales.contiguous(), quats.contiguous(), w2c, cam)
 
 
 def _add_color_rows(cols: Tensor, means: Tensor, harmonics: Tensor, extrinsics: Tensor,

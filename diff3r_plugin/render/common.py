@@ -33,6 +33,7 @@ from ..errors import DTypeError, InvalidCovarianceError, NonFiniteError, ShapeEr
 from ..gaussians.layout import check_covariances
 from ..geometry.cameras import check_cameras, focal_pixels, get_fov, invert_rigid
 from ..geometry.sh import SHBasis, degree_from_coeffs, sh_to_rgb
+from . import native
 
 Backend = Literal["torch", "gsplat", "dense"]
 
@@ -221,6 +222,25 @@ def view_directions(means: Float[Tensor, "batch gaussian 3"],
     return rel / dist, dist
 
 
+def camera_terms(extrinsics: Float[Tensor, "batch view 4 4"], intrinsics: Float[Tensor, "batch view 3 3"],
+                 near: Float[Tensor, "batch view"], image_shape: tuple[int, int]):
+    """The per-camera inputs of the compiled projection kernels: world-to-camera ``[b, v, 3, 4]``
+    and ``[b, v, 7] = (f_x, f_y, lim_x, lim_y, near_cull, c_x, c_y)``, as :func:`ewa_terms`
+    computes them."""
+    h, w = image_shape
+    w2c = invert_rigid(extrinsics)[..., :3, :]
+    focal = focal_pixels(intrinsics, image_shape)
+    lim = FOV_CLAMP * (0.5 * get_fov(intrinsics)).tan()
+    centre = focal.new_tensor([(w - 1) / 2, (h - 1) / 2]).expand_as(focal)
+    cam = torch.cat([focal, lim, (NEAR_CULL_FACTOR * near)[..., None], centre], -1)
+    return w2c.contiguous(), cam.contiguous()
+
+
+def _compiled_projection(mod, means, covariances, extrinsics, intrinsics, near, image_shape) -> Tensor:
+    w2c, cam = camera_terms(extrinsics, intrinsics, near, image_shape)
+    return mod.pj_project(means.contiguous(), covariances.contiguous(), w2c, cam)
+
+
 def project(
     means: Float[Tensor, "batch gaussian 3"],
     covariances: Float[Tensor, "batch gaussian 3 3"],
@@ -233,18 +253,30 @@ def project(
     sh_basis: SHBasis,
     sh_degree: int | None = None,
 ) -> Projection:
-    """EWA projection of every Gaussian into every view (see module docstring)."""
+    """EWA projection of every Gaussian into every view (see module docstring).
+
+    Values only on the CPU (no autograd graph, no forward mode: pair plans, linearizations),
+    the geometry comes from one compiled pass per (view, Gaussian)
+    (``csrc/projection_jacobian.cpp``, the same formulas as :func:`ewa_terms` below).
+    """
     b, g = means.shape[:2]
     v = extrinsics.shape[1]
     h, w = image_shape
-    e = ewa_terms(means, covariances, extrinsics, intrinsics, near, image_shape)
-    z = e.z
-    mean2d = torch.stack([e.fx * e.u + (w - 1) / 2, e.fy * e.t + (h - 1) / 2], dim=-1)
-    a, bb, c = e.a, e.bb, e.c
-    det = a * c - bb * bb
-    valid = e.valid & (det > 0).detach()
-    det_safe = torch.where(valid, det, torch.ones_like(det))
-    conic = torch.stack([c / det_safe, -bb / det_safe, a / det_safe], dim=-1)
+    mod = native.usable_values(means, covariances, harmonics, opacities, extrinsics, intrinsics, near)
+    if mod is not None:
+        packed = _compiled_projection(mod, means, covariances, extrinsics, intrinsics, near, image_shape)
+        mean2d, conic, cov2d = packed[..., 0:2], packed[..., 2:5], packed[..., 5:8]
+        z, valid = packed[..., 8], packed[..., 9] > 0
+    else:
+        e = ewa_terms(means, covariances, extrinsics, intrinsics, near, image_shape)
+        z = e.z
+        mean2d = torch.stack([e.fx * e.u + (w - 1) / 2, e.fy * e.t + (h - 1) / 2], dim=-1)
+        a, bb, c = e.a, e.bb, e.c
+        det = a * c - bb * bb
+        valid = e.valid & (det > 0).detach()
+        det_safe = torch.where(valid, det, torch.ones_like(det))
+        conic = torch.stack([c / det_safe, -bb / det_safe, a / det_safe], dim=-1)
+        cov2d = torch.stack([a, bb, c], -1)
 
     dirs, _ = view_directions(means, extrinsics)
     color = sh_to_rgb(harmonics[:, None].expand(b, v, g, 3, harmonics.shape[-1]), dirs, sh_basis, sh_degree)
@@ -254,7 +286,7 @@ def project(
     n = b * v * g
     return Projection(
         mean2d=mean2d.reshape(n, 2), conic=conic.reshape(n, 3),
-        cov2d=torch.stack([a, bb, c], -1).reshape(n, 3), depth=z.reshape(n),
+        cov2d=cov2d.reshape(n, 3), depth=z.reshape(n),
         color=color.reshape(n, 3), opacity=opacity.reshape(n), valid=valid.reshape(n),
         batch=b, views=v, gaussians=g,
     )

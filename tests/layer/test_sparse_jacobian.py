@@ -529,13 +529,15 @@ def test_compiled_geometry_columns_refuse_inconsistent_inputs():
     mod = native.usable(torch.zeros(1))
     b, g, v = 1, 5, 2
     means, ls, q = torch.zeros(b, g, 3), torch.zeros(b, g, 3), torch.ones(b, g, 4)
-    w2c, cam = torch.zeros(b, v, 3, 4), torch.ones(b, v, 5)
+    w2c, cam = torch.zeros(b, v, 3, 4), torch.ones(b, v, 7)
     assert mod.pj_geometry_columns(means, ls, q, w2c, cam).shape == (b, v, g, 9, 10)
     with pytest.raises(RuntimeError, match="quats"):
         mod.pj_geometry_columns(means, ls, torch.ones(b, g, 3), w2c, cam)
     with pytest.raises(RuntimeError, match="share \\[b, g\\]"):
         mod.pj_geometry_columns(means, ls, torch.ones(b, g + 1, 4), w2c, cam)
     with pytest.raises(RuntimeError, match="share \\[b, v\\]"):
-        mod.pj_geometry_columns(means, ls, q, w2c, torch.ones(b, v + 1, 5))
+        mod.pj_geometry_columns(means, ls, q, w2c, torch.ones(b, v + 1, 7))
+    with pytest.raises(RuntimeError, match="cam"):
+        mod.pj_geometry_columns(means, ls, q, w2c, torch.ones(b, v, 5))
     with pytest.raises(RuntimeError, match="one dtype"):
         mod.pj_geometry_columns(means, ls, q, w2c.double(), cam)

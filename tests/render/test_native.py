@@ -57,6 +57,39 @@ def test_plan_is_the_pure_torch_plan(dtype, pure_torch):
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (F64, 1e-12)])
+def test_compiled_projection_values_are_the_pure_torch_projection(dtype, tol, pure_torch):
+    """Values only (no graph), the projection's geometry is one compiled pass; it gives the
+    PyTorch path's numbers, for Gaussians behind the cameras and far outside the clamped field of
+    view too, and the same culling. With a graph wanted, the PyTorch path runs."""
+    scene = make_scene(500, 20, 3, seed=6, batch=2, sh_degree=1, dtype=dtype)
+    p = scene.params
+    means = p.means.detach().clone()
+    means[:, :20] = means[:, :20] * torch.tensor([1.0, 1.0, -2.0], dtype=dtype)  # behind
+    means[:, 20:40, 0] += 30.0  # outside the field of view
+    args = (means, p.covariances().detach(), p.harmonics.detach(), p.opacities().detach(),
+            scene.extrinsics, scene.intrinsics, scene.near, scene.image_shape, "e3nn")
+    calls = []
+    real = native.usable_values
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "usable_values", lambda *t: calls.append(1) or real(*t))
+        fast = project(*args)
+        assert calls and real(*args[:7]) is not None
+        with torch.enable_grad():
+            graph = project(args[0].clone().requires_grad_(True), *args[1:])
+    pure_torch()
+    ref = project(*args)
+    assert graph.mean2d.requires_grad
+    assert torch.equal(fast.valid, ref.valid) and 0 < int(ref.valid.sum()) < ref.valid.numel()
+    for name in ("mean2d", "conic", "cov2d", "depth", "color", "opacity"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
+        ok = ref.valid if name == "conic" else torch.ones_like(ref.valid)
+        scale = float(b[ok].abs().max())
+        assert float((a[ok] - b[ok]).abs().max()) <= tol * scale, name
+        assert torch.allclose(getattr(graph, name).detach(), b, rtol=tol, atol=tol * scale), name
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (F64, 1e-10)])
 def test_render_and_gradients_match_the_pure_torch_path(dtype, tol, pure_torch):
     scene = make_scene(900, 24, 2, seed=6, sh_degree=1, dtype=dtype)

@@ -79,7 +79,7 @@ void columns_impl(const torch::Tensor& means, const torch::Tensor& log_scales, c
   const T* ls_p = log_scales.data_ptr<T>();
   const T* q_p = quats.data_ptr<T>();
   const T* w_p = w2c.data_ptr<T>();   // [b, v, 3, 4]
-  const T* c_p = cam.data_ptr<T>();   // [b, v, 5]: fx, fy, lim_x, lim_y, near_cull
+  const T* c_p = cam.data_ptr<T>();   // [b, v, 7]: fx, fy, lim_x, lim_y, near_cull, cx, cy
   T* o_p = out.data_ptr<T>();         // [b, v, g, 9, 10], zero-initialized
   at::parallel_for(0, b * g, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t bg = lo; bg < hi; ++bg) {
@@ -95,7 +95,7 @@ void columns_impl(const torch::Tensor& means, const torch::Tensor& log_scales, c
           sigma[i][j] = rq[i][0] * s2[0] * rq[j][0] + rq[i][1] * s2[1] * rq[j][1] + rq[i][2] * s2[2] * rq[j][2];
       for (int64_t vi = 0; vi < v; ++vi) {
         const T* w = w_p + 12 * (bi * v + vi);
-        const T* cm = c_p + 5 * (bi * v + vi);
+        const T* cm = c_p + 7 * (bi * v + vi);
         const T fx = cm[0], fy = cm[1], lim_x = cm[2], lim_y = cm[3], near_cull = cm[4];
         const T r0[3] = {w[0], w[1], w[2]}, r1[3] = {w[4], w[5], w[6]}, r2[3] = {w[8], w[9], w[10]};
         const T x = dot3(r0, mu) + w[3], y = dot3(r1, mu) + w[7], z = dot3(r2, mu) + w[11];
@@ -181,6 +181,57 @@ void columns_impl(const torch::Tensor& means, const torch::Tensor& log_scales, c
   });
 }
 
+// Values of the EWA projection (render/common.py, ewa_terms and project) per (batch, view,
+// Gaussian) row: [mx, my, conic (3), cov2d (3), z, valid], with the same clamps and stand-ins.
+template <typename T>
+void project_impl(const torch::Tensor& means, const torch::Tensor& covariances, const torch::Tensor& w2c,
+                  const torch::Tensor& cam, torch::Tensor& out) {
+  const int64_t b = means.size(0), g = means.size(1), v = w2c.size(1);
+  const T* mu_p = means.data_ptr<T>();
+  const T* s_p = covariances.data_ptr<T>();  // [b, g, 3, 3]
+  const T* w_p = w2c.data_ptr<T>();
+  const T* c_p = cam.data_ptr<T>();          // [b, v, 7]: fx, fy, lim_x, lim_y, near_cull, cx, cy
+  T* o_p = out.data_ptr<T>();                // [b, v, g, 10]
+  at::parallel_for(0, b * v * g, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t bi = row / (v * g), vi = (row / g) % v, gi = row % g;
+      const int64_t bg = bi * g + gi;
+      const T* mu = mu_p + 3 * bg;
+      const T* sg = s_p + 9 * bg;
+      const T* w = w_p + 12 * (bi * v + vi);
+      const T* cm = c_p + 7 * (bi * v + vi);
+      const T fx = cm[0], fy = cm[1], lim_x = cm[2], lim_y = cm[3], near_cull = cm[4];
+      const T r0[3] = {w[0], w[1], w[2]}, r1[3] = {w[4], w[5], w[6]}, r2[3] = {w[8], w[9], w[10]};
+      const T x = dot3(r0, mu) + w[3], y = dot3(r1, mu) + w[7], z = dot3(r2, mu) + w[11];
+      const bool valid = z > near_cull;
+      const T zs = valid ? z : T(1);
+      const T u = x / zs, t = y / zs;
+      const T uc = std::max(std::min(u, lim_x), -lim_x), tc = std::max(std::min(t, lim_y), -lim_y);
+      T m0[3], m1[3];
+      for (int k = 0; k < 3; ++k) {
+        m0[k] = (fx / zs) * r0[k] + (-fx * uc / zs) * r2[k];
+        m1[k] = (fy / zs) * r1[k] + (-fy * tc / zs) * r2[k];
+      }
+      T t0[3], t1[3];
+      for (int i = 0; i < 3; ++i) {
+        t0[i] = sg[3 * i] * m0[0] + sg[3 * i + 1] * m0[1] + sg[3 * i + 2] * m0[2];
+        t1[i] = sg[3 * i] * m1[0] + sg[3 * i + 1] * m1[1] + sg[3 * i + 2] * m1[2];
+      }
+      const T a = dot3(m0, t0) + T(kDilation), bb = dot3(m0, t1), c = dot3(m1, t1) + T(kDilation);
+      const T det = a * c - bb * bb;
+      const bool ok = valid && det > 0;
+      const T dets = ok ? det : T(1);
+      T* o = o_p + 10 * row;
+      o[0] = fx * u + cm[5];
+      o[1] = fy * t + cm[6];
+      o[2] = c / dets; o[3] = -bb / dets; o[4] = a / dets;
+      o[5] = a; o[6] = bb; o[7] = c;
+      o[8] = z;
+      o[9] = ok ? T(1) : T(0);
+    }
+  });
+}
+
 void check(const torch::Tensor& t, const char* name, int64_t dim, int64_t last) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
   TORCH_CHECK(t.dim() == dim && t.size(dim - 1) == last, name, " must have ", dim, " axes, the last of size ",
@@ -190,11 +241,11 @@ void check(const torch::Tensor& t, const char* name, int64_t dim, int64_t last) 
 }  // namespace
 
 // means, log_scales [b, g, 3], quats [b, g, 4], w2c [b, v, 3, 4] (world to camera),
-// cam [b, v, 5] = (fx, fy, lim_x, lim_y, near_cull) -> [b, v, g, 9, 10].
+// cam [b, v, 7] = (fx, fy, lim_x, lim_y, near_cull, cx, cy) -> [b, v, g, 9, 10].
 torch::Tensor pj_geometry_columns(torch::Tensor means, torch::Tensor log_scales, torch::Tensor quats,
                                   torch::Tensor w2c, torch::Tensor cam) {
   check(means, "means", 3, 3); check(log_scales, "log_scales", 3, 3); check(quats, "quats", 3, 4);
-  check(cam, "cam", 3, 5);
+  check(cam, "cam", 3, 7);
   TORCH_CHECK(w2c.device().is_cpu() && w2c.is_contiguous() && w2c.dim() == 4 && w2c.size(2) == 3 &&
               w2c.size(3) == 4, "w2c must be a contiguous CPU tensor [b, v, 3, 4]");
   const int64_t b = means.size(0), g = means.size(1), v = w2c.size(1);
@@ -214,7 +265,33 @@ torch::Tensor pj_geometry_columns(torch::Tensor means, torch::Tensor log_scales,
   return out;
 }
 
+// means [b, g, 3], covariances [b, g, 3, 3], w2c [b, v, 3, 4],
+// cam [b, v, 7] = (fx, fy, lim_x, lim_y, near_cull, cx, cy) -> [b, v, g, 10].
+torch::Tensor pj_project(torch::Tensor means, torch::Tensor covariances, torch::Tensor w2c, torch::Tensor cam) {
+  check(means, "means", 3, 3); check(cam, "cam", 3, 7);
+  TORCH_CHECK(covariances.device().is_cpu() && covariances.is_contiguous() && covariances.dim() == 4 &&
+              covariances.size(2) == 3 && covariances.size(3) == 3,
+              "covariances must be a contiguous CPU tensor [b, g, 3, 3]");
+  TORCH_CHECK(w2c.device().is_cpu() && w2c.is_contiguous() && w2c.dim() == 4 && w2c.size(2) == 3 &&
+              w2c.size(3) == 4, "w2c must be a contiguous CPU tensor [b, v, 3, 4]");
+  const int64_t b = means.size(0), g = means.size(1), v = w2c.size(1);
+  TORCH_CHECK(covariances.size(0) == b && covariances.size(1) == g, "means and covariances must share [b, g]");
+  TORCH_CHECK(w2c.size(0) == b && cam.size(0) == b && cam.size(1) == v, "w2c and cam must share [b, v]");
+  const auto dtype = means.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64, "float32 or float64 expected");
+  TORCH_CHECK(covariances.scalar_type() == dtype && w2c.scalar_type() == dtype && cam.scalar_type() == dtype,
+              "the inputs must share one dtype");
+  auto out = torch::empty({b, v, g, 10}, means.options());
+  if (dtype == torch::kFloat64) {
+    project_impl<double>(means, covariances, w2c, cam, out);
+  } else {
+    project_impl<float>(means, covariances, w2c, cam, out);
+  }
+  return out;
+}
+
 void register_projection_jacobian(pybind11::module& m) {
+  m.def("pj_project", &pj_project, "values of the EWA projection per (batch, view, Gaussian)");
   m.def("pj_geometry_columns", &pj_geometry_columns,
         "d(mean2d, conic) / d(means, log-scales, quaternion) per (batch, view, Gaussian)");
 }
