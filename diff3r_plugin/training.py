@@ -11,6 +11,12 @@ One step (``method="diff3r"``)::
 ``method="baseline"`` skips the layer (targets rendered from theta0: the usual zero-shot
 training loss) with the same number of outer steps.
 
+``init_weight`` ``beta`` (``method="diff3r"``): the outer loss becomes
+``L(theta*) + beta L(theta0)``, the targets' MSE after the TTO plus ``beta`` times that of the
+initialization itself, so that the predicted starting point stays a usable zero-shot render
+(``beta = 0``: the plain Diff3R loss). The ``beta`` term's gradient reaches theta0 directly,
+beside the layer's implicit gradient.
+
 Inner solver for training: Adam with K ~ 10 steps and the implicit backward with a capped PCG
 (``pcg_maxiter`` ~ 20, ``on_failure="fallback"``). Neither the inner solve (K Adam steps are
 not a stationary point) nor PCG is converged then, so **the implicit gradient is approximate**;
@@ -105,10 +111,11 @@ def forward_model(encoder: nn.Module, head: nn.Module | None, batch: dict, *,
     return Prediction(params, theta, lam, views, info)
 
 
-def render_targets(pred: Prediction, batch: dict) -> Tensor:
+def render_targets(pred: Prediction, batch: dict, *, initial: bool = False) -> Tensor:
+    """Target renders of theta* (``initial=True``: of theta0)."""
     tgt = batch["target"]
     h, w = tgt["image"].shape[-2:]
-    return render_params(pred.theta, tgt["extrinsics"], tgt["intrinsics"], tgt["near"],
+    return render_params(pred.theta0 if initial else pred.theta, tgt["extrinsics"], tgt["intrinsics"], tgt["near"],
                          tgt["far"], (h, w), apply_pose=False, sh_basis=pred.views.sh_basis,
                          validate=False).color
 
@@ -116,8 +123,11 @@ def render_targets(pred: Prediction, batch: dict) -> Tensor:
 def training_step(encoder: nn.Module, head: nn.Module | None, batch: dict, *, method: Method,
                   lambda_mode: Literal["predicted", "constant"] = "predicted",
                   config: Diff3RConfig | None = None, lpips_weight: float = 0.05,
-                  infos: list | None = None) -> tuple[Tensor, dict]:
+                  infos: list | None = None, init_weight: float = 0.0) -> tuple[Tensor, dict]:
     """Outer loss of one batch (not yet backpropagated) and a small log dict.
+
+    ``init_weight`` ``beta``: add ``beta`` times the initialization's target MSE (module
+    docstring).
 
     ``infos``, if given, receives the layer's ``Diff3RInfo`` (its backward fields are filled in
     when the loss is backpropagated).
@@ -135,6 +145,10 @@ def training_step(encoder: nn.Module, head: nn.Module | None, batch: dict, *, me
         lp = _lpips_loss(gt, color)
         loss = loss + lpips_weight * lp
         log["lpips"] = float(lp.detach())
+    if init_weight > 0 and method == "diff3r":
+        init_mse = F.mse_loss(render_targets(pred, batch, initial=True), gt)
+        loss = loss + init_weight * init_mse
+        log["init_mse"] = float(init_mse.detach())
     if pred.info is not None:
         s = pred.info.summary()
         log["stationarity"] = s["stationarity"]
@@ -189,7 +203,7 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
           config: Diff3RConfig | None = None, lr: float = 1e-3, head_lr: float | None = None,
           lpips_weight: float = 0.05, progress: bool = True, grad_clip: float = 1.0,
           time_budget_s: float | None = None, grad_cosine_every: int | None = None,
-          step_callback=None) -> TrainResult:
+          step_callback=None, init_weight: float = 0.0) -> TrainResult:
     """Train ``encoder`` (and ``head`` for ``method="diff3r"``) for ``steps`` outer steps.
 
     ``batches`` is cycled. Returns the loss history (and Lambda's mean per step) and, for
@@ -199,8 +213,10 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
     PCG residual (``pcg_rel_residual``, ``pcg_iters``); every ``grad_cosine_every`` steps
     (``method="diff3r"``) it also holds :func:`gradient_cosine` on that step's batch.
     ``step_callback(step, encoder)`` runs after each optimizer step (e.g. validation); a true
-    return value stops training.
+    return value stops training. ``init_weight``: see :func:`training_step`.
     """
+    if not (math.isfinite(init_weight) and init_weight >= 0):
+        raise ValueError(f"init_weight must be a finite number >= 0, got {init_weight!r}")
     config = config or tto_config()
     groups = [{"params": list(encoder.parameters()), "lr": lr}]
     if head is not None and method == "diff3r" and lambda_mode == "predicted":
@@ -218,7 +234,8 @@ def train(encoder: nn.Module, head: nn.Module | None, batches: Iterable[dict], s
         opt.zero_grad(set_to_none=True)
         infos: list = []
         loss, step_log = training_step(encoder, head, batch, method=method, lambda_mode=lambda_mode,
-                                       config=config, lpips_weight=lpips_weight, infos=infos)
+                                       config=config, lpips_weight=lpips_weight, infos=infos,
+                                       init_weight=init_weight)
         if not math.isfinite(float(loss.detach())):
             step_log["skipped"] = True
             result.logs.append(step_log)

@@ -85,3 +85,20 @@ def test_baseline_run_has_no_pcg_summary(caplog):
         res = train(enc, None, [batch], 1, method="baseline", config=tto_config(2), progress=False,
                     lpips_weight=0)
     assert res.pcg.steps == 0 and not caplog.records
+
+
+def test_init_weight_adds_the_initialization_loss():
+    """``init_weight`` beta: the outer loss is L(theta*) + beta L(theta0), where L(theta0) is the
+    zero-shot (baseline) loss of the same batch; the extra gradient reaches the encoder."""
+    batch, enc, head = _setup()
+    cfg = tto_config(2, pcg_maxiter=4, precond_probes=1)
+    with torch.no_grad():
+        plain, _ = training_step(enc, head, batch, method="diff3r", config=cfg, lpips_weight=0)
+        mixed, log = training_step(enc, head, batch, method="diff3r", config=cfg, lpips_weight=0,
+                                   init_weight=0.5)
+        zero_shot, _ = training_step(enc, None, batch, method="baseline", config=cfg, lpips_weight=0)
+    assert log["init_mse"] == pytest.approx(float(zero_shot), rel=1e-6)
+    assert float(mixed) == pytest.approx(float(plain) + 0.5 * float(zero_shot), rel=1e-5)
+    assert float(zero_shot) > 0
+    with pytest.raises(ValueError, match="init_weight"):
+        train(enc, head, [batch], 1, method="diff3r", config=cfg, progress=False, init_weight=-1.0)

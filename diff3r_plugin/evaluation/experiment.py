@@ -263,7 +263,7 @@ def _choose_lambda(enc, val, cfg, grid, steps_list, progress, batch_size=1, *, e
 
 
 def _train_seed(model, seed, batches, cfg, *, n_outer, n_pre, lr, head_lr, head_init, snaps,
-                unroll, grad_cosine_every, progress):
+                unroll, grad_cosine_every, progress, init_weight=0.0):
     """Baseline (N steps), Diff3R and (optionally) Diff3R-unroll fine-tuned from step n_pre."""
     from ..training import train
     hist = {}
@@ -290,7 +290,7 @@ def _train_seed(model, seed, batches, cfg, *, n_outer, n_pre, lr, head_lr, head_
         head = _make_head(enc, head_init)
         hist[name] = train(enc, head, rotated, n_outer - n_pre, method="diff3r",
                            config=cfg.merge({"backward": backward}), lr=lr, head_lr=head_lr,
-                           progress=progress,
+                           progress=progress, init_weight=init_weight,
                            grad_cosine_every=grad_cosine_every if name == "diff3r" else None)
         head.eval()
         models[name] = (enc.eval(), head)
@@ -354,7 +354,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
                    progress: bool = True, train_steps: int | None = None,
                    window_stride: int = 1, train_inner_solver: str = "adam",
                    constant_lambda: float | None = None, evaluate_on: str = "test",
-                   **_ignored) -> dict:
+                   init_weight: float = 0.0, **_ignored) -> dict:
     """Run the protocol of the module docstring; returns the JSON-ready result.
 
     ``train_steps`` fixes ``N`` (skipping the validation-curve choice); ``constant_lambda``
@@ -364,6 +364,8 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
     ``evaluate_on="validation"``: the trained models are evaluated on the validation scenes
     only (``result["validation"]``, same shape as ``real``), never on the real or test
     scenes, so that a training setting can be chosen without looking at the reported data.
+    ``init_weight``: the Diff3R models' outer loss is ``L(theta*) + init_weight L(theta0)``
+    (:func:`~diff3r_plugin.training.training_step`).
     """
     if train_inner_solver not in ("adam", "lm"):
         raise ValueError(f"train_inner_solver must be 'adam' or 'lm', got {train_inner_solver!r}")
@@ -468,7 +470,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         models, hist, pre_state = _train_seed(
             model, s, batches, cfg, n_outer=n_outer, n_pre=n_pre, lr=lr, head_lr=head_lr,
             head_init=head_init, snaps=snaps if k == 0 else None, unroll=True,
-            grad_cosine_every=grad_cosine_every, progress=progress)
+            grad_cosine_every=grad_cosine_every, progress=progress, init_weight=init_weight)
         timings[f"train_seed{s}"] = time.perf_counter() - t
         hists.append(hist)
         if k == 0:
@@ -525,7 +527,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
             models_pf, hist_pf, _ = _train_seed(
                 "pose_free", s, batches, cfg, n_outer=n_outer, n_pre=n_pre, lr=lr,
                 head_lr=head_lr, head_init=head_init, snaps=None, unroll=False,
-                grad_cosine_every=None, progress=progress)
+                grad_cosine_every=None, progress=progress, init_weight=init_weight)
             if k == 0 and constant_lambda is None:
                 pf_lambda, pf_variants = _choose_lambda(models_pf["baseline"][0], val, eval_cfg,
                                                         lambda_grid, [0, eval_tto_steps], progress,
@@ -618,6 +620,7 @@ def run_experiment(*, quick: bool = False, image_size: int = 64, seeds: int = 3,
         "grad_cosine_samples": grad_cos,
         "baseline_tto_lambda": best_lambda,
         "head_init": head_init,
+        "init_weight": init_weight,
         "lambda_variants": variants,
         "tto": {"train_steps": cfg.steps, "eval_steps": eval_cfg.steps,
                 "steps_list": steps_list, "inner_solver": cfg.inner_solver,
@@ -681,6 +684,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inner solver of the training layer (the test-time TTO stays Adam)")
     p.add_argument("--evaluate-on", choices=("test", "validation"), default="test",
                    help="'validation': evaluate on the validation scenes only, to choose settings")
+    p.add_argument("--init-weight", type=float, default=0.0,
+                   help="Diff3R's outer loss L(theta*) + w L(theta0): keeps theta0 renderable")
     p.add_argument("--head-init", type=float, default=0.1,
                    help="initial Lambda of the Diff3R uncertainty head")
     p.add_argument("--constant-lambda", type=float, default=None,
@@ -712,5 +717,5 @@ def run(args) -> dict:
         head_init=args.head_init, lr_scale=args.lr_scale, pcg_maxiter=args.pcg_maxiter,
         grad_cosine_every=args.grad_cosine_every, eval_batch=args.eval_batch,
         window_stride=args.window_stride, train_inner_solver=args.train_inner_solver,
-        evaluate_on=args.evaluate_on,
+        evaluate_on=args.evaluate_on, init_weight=args.init_weight,
         progress=not args.no_progress)
