@@ -86,7 +86,9 @@ class _Sparse(_Products):
         self.theta = theta
         if jacobian is None:
             src = theta if create_graph else theta.detach()
-            plan = objective.make_plan(src)
+            # The pair list at src itself comes from the Jacobian's own projection; a frozen
+            # one (theta0's) from the objective.
+            plan = objective.make_plan(src) if objective.visibility_theta is not None else None
             with torch.set_grad_enabled(create_graph):
                 jacobian = SparseJacobian.build(src, objective.layout, objective.views, plan, sqrt_w)
         self.jacobian = jacobian

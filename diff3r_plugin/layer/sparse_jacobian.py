@@ -38,7 +38,7 @@ from ..gaussians.layout import GaussianLayout, GaussianParams
 from ..render import native
 from ..render.api import pose_adjusted_extrinsics
 from ..render.common import ALPHA_MAX, _broadcast_background, project, view_directions
-from ..render.torch_backend import PairPlan, _pair_power, pair_transmittance
+from ..render.torch_backend import PairPlan, _pair_power, build_plan, pair_transmittance
 from .projection_jacobian import GEOMETRY_SLOTS, geometry_columns
 from .views import ContextViews
 
@@ -73,15 +73,15 @@ def gaussian_slots(layout: GaussianLayout, device=None) -> Tensor:
     return torch.cat(cols, 1) if cols else torch.zeros(g, 0, dtype=torch.long, device=device)
 
 
-def _features(theta: Tensor, layout: GaussianLayout, views: ContextViews):
+def _features(theta: Tensor, layout: GaussianLayout, views: ContextViews, *, with_projection: bool = False):
     """``[N, 9]`` projected features of ``theta``, with its parameters and the pose-adjusted
-    cameras they were projected with."""
+    cameras they were projected with (and the projection itself, ``with_projection=True``)."""
     params = GaussianParams.unflatten(theta, layout)
     extr = pose_adjusted_extrinsics(params, views.extrinsics)
     proj = project(params.means, params.covariances(), params.harmonics, params.opacities(), extr,
                    views.intrinsics, views.near, views.image_shape, views.sh_basis)
     feats = torch.cat([proj.mean2d, proj.conic, proj.opacity[:, None], proj.color], 1)
-    return feats, params, extr
+    return (feats, params, extr, proj) if with_projection else (feats, params, extr)
 
 
 @dataclass
@@ -203,14 +203,19 @@ class SparseJacobian:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    def build(cls, theta: Tensor, layout: GaussianLayout, views: ContextViews, plan: PairPlan,
+    def build(cls, theta: Tensor, layout: GaussianLayout, views: ContextViews, plan: PairPlan | None,
               sqrt_w: Tensor | None = None) -> "SparseJacobian":
+        """The Jacobian at ``theta`` over the pair list ``plan``; ``plan=None``: the pair list of
+        ``theta`` itself, built from the same projection as the features (one projection
+        instead of two)."""
         b = theta.shape[0]
         v = views.num_views
         h, w = views.image_shape
         device, dtype = theta.device, theta.dtype
         slots = gaussian_slots(layout, device)
-        feats, params, extr = _features(theta, layout, views)
+        feats, params, extr, proj = _features(theta, layout, views, with_projection=True)
+        if plan is None:
+            plan = build_plan(proj, views.image_shape)
 
         # F: the geometry and appearance columns in closed form (.projection_jacobian,
         # _appearance); the pose columns by one JVP of the projection per pose slot (a slot of

@@ -541,3 +541,18 @@ def test_compiled_geometry_columns_refuse_inconsistent_inputs():
         mod.pj_geometry_columns(means, ls, q, w2c, torch.ones(b, v, 5))
     with pytest.raises(RuntimeError, match="one dtype"):
         mod.pj_geometry_columns(means, ls, q, w2c.double(), cam)
+
+
+def test_jacobian_without_a_plan_builds_the_pair_list_of_its_own_projection():
+    """``plan=None``: the pair list at theta comes from the features' projection, and equals the
+    objective's own pair list at theta (the same pairs, the same residual and products)."""
+    obj, layout, theta = problem(gaussians=60, size=16, sh_degree=1, pose_views=1)
+    sqrt_w = obj.pixel_weights(theta)
+    own = SparseJacobian.build(theta, layout, obj.views, None, sqrt_w)
+    ref = SparseJacobian.build(theta, layout, obj.views, obj.make_plan(theta), sqrt_w)
+    for name in ("gaussian", "pixel", "seg_start"):
+        assert torch.equal(getattr(own.plan, name), getattr(ref.plan, name)), name
+    assert own.plan.num_pairs > 100
+    assert torch.equal(own.residual, ref.residual)
+    p = torch.randn(theta.shape, generator=torch.Generator().manual_seed(2), dtype=theta.dtype)
+    assert torch.equal(own.gauss_newton(p), ref.gauss_newton(p))
