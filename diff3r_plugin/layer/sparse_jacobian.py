@@ -459,11 +459,10 @@ class SparseJacobian:
         extra = () if self.sqrt_w is None else (self.sqrt_w,)
         mod = _compiled(*self._pair_tensors(), *extra)
         if mod is not None:
-            flat = mod.pj_moments(_index(self.plan.gaussian), _index(self.plan.pixel), *self._pair_tensors(),
+            # [N, 9, 9], assembled in the kernel.
+            return mod.pj_moments(_index(self.plan.gaussian), _index(self.plan.pixel), *self._pair_tensors(),
                                   None if self.sqrt_w is None else self.sqrt_w.contiguous(), n,
                                   self._pixels_per_view)
-            dd, dq, ww = flat[:, :36].reshape(n, 6, 6), flat[:, 36:54].reshape(n, 6, 3), flat[:, 54:]
-            return self._assemble_moments(dd, dq, ww)
         dd = self.g_alpha.new_zeros(n, 6, 6)
         dq = self.g_alpha.new_zeros(n, 6, 3)
         ww = self.g_alpha.new_zeros(n, 3)

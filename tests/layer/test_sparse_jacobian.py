@@ -343,12 +343,15 @@ def test_compiled_kernels_equal_the_pytorch_path(dtype, tol, robust, pose_views,
     u = torch.randn(ref.residual.shape, generator=gen, dtype=dtype)
     # Products of the compiled build through the compiled kernels against everything in PyTorch.
     served = _count_compiled(monkeypatch)
-    out_fast = (fast.jvp(p), fast.vjp(u), fast.gauss_newton(p), fast.block_diagonal(), fast.diagonal())
+    out_fast = (fast.jvp(p), fast.vjp(u), fast.gauss_newton(p), fast.block_diagonal(), fast.diagonal(),
+                fast.feature_moments())
     assert len(served) >= 4 and all(served)  # jvp, vjp, the fused J^T W J p, the moments
     monkeypatch.undo()
     monkeypatch.setattr(native, "usable", lambda *tensors: None)
-    out_ref = (ref.jvp(p), ref.vjp(u), ref.gauss_newton(p), ref.block_diagonal(), ref.diagonal())
-    for name, a, b in zip(("jvp", "vjp", "gauss_newton", "blocks", "diagonal"), out_fast, out_ref):
+    out_ref = (ref.jvp(p), ref.vjp(u), ref.gauss_newton(p), ref.block_diagonal(), ref.diagonal(),
+               ref.feature_moments())
+    assert out_fast[-1].shape == out_ref[-1].shape == (ref.feat_jac.shape[0], 9, 9)
+    for name, a, b in zip(("jvp", "vjp", "gauss_newton", "blocks", "diagonal", "moments"), out_fast, out_ref):
         close(a, b, name)
     # The preconditioner's partition (SH degree 1: the main block and one per colour channel,
     # each restricted to the feature rows its columns move) through both paths.

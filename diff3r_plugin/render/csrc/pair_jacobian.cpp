@@ -255,7 +255,25 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
     for (int c = 0; c < 3; ++c) o[54 + c] += ws[c] * ws[c];
   }
   });
-  return moments;
+  // The 9 x 9 moments [[dd, dq], [dq^T, diag(ww)]] of each row, assembled in place of the
+  // PyTorch concatenations (rows are independent: any thread count gives the same bits).
+  auto full = torch::zeros({num_rows, 9, 9}, g_alpha.options());
+  T* f = full.data_ptr<T>();
+  at::parallel_for(0, num_rows, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* o = out + 57 * r;
+      T* m = f + 81 * r;
+      for (int a = 0; a < 6; ++a) {
+        for (int b = 0; b < 6; ++b) m[9 * a + b] = o[6 * a + b];
+        for (int c = 0; c < 3; ++c) {
+          m[9 * a + 6 + c] = o[36 + 3 * a + c];
+          m[9 * (6 + c) + a] = o[36 + 3 * a + c];
+        }
+      }
+      for (int c = 0; c < 3; ++c) m[9 * (6 + c) + 6 + c] = o[54 + c];
+    }
+  });
+  return full;
 }
 
 // Per-Gaussian blocks of J^T W J over the columns `cols` of F, from the feature moments:
