@@ -71,6 +71,48 @@ inline void rotation_derivatives(const T* quat, T rot[3][3], T d_rot[4][3][3]) {
 template <typename T>
 inline T dot3(const T* a, const T* b) { return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]; }
 
+// One (view, Gaussian) of ewa_terms: camera-space point, the clamped EWA rows m_0, m_1 and the
+// dilated 2D covariance (a, b, c), for camera w ([3, 4] world to camera), cm (fx, fy, lim_x,
+// lim_y, near_cull, ...), mean mu and covariance sg (row-major 3 x 3). Shared by both kernels,
+// so the projection and its Jacobian are built on the same numbers.
+template <typename T>
+struct EwaPoint {
+  T r0[3], r1[3], r2[3];
+  T x, y, z, zs, u, t, uc, tc;
+  bool valid;
+  T m0[3], m1[3], t0[3], t1[3];
+  T a, bb, c;
+
+  EwaPoint(const T* w, const T* cm, const T* mu, const T* sg) {
+    const T fx = cm[0], fy = cm[1], lim_x = cm[2], lim_y = cm[3], near_cull = cm[4];
+    for (int k = 0; k < 3; ++k) {
+      r0[k] = w[k];
+      r1[k] = w[4 + k];
+      r2[k] = w[8 + k];
+    }
+    x = dot3(r0, mu) + w[3];
+    y = dot3(r1, mu) + w[7];
+    z = dot3(r2, mu) + w[11];
+    valid = z > near_cull;
+    zs = valid ? z : T(1);
+    u = x / zs;
+    t = y / zs;
+    uc = std::max(std::min(u, lim_x), -lim_x);
+    tc = std::max(std::min(t, lim_y), -lim_y);
+    for (int k = 0; k < 3; ++k) {
+      m0[k] = (fx / zs) * r0[k] + (-fx * uc / zs) * r2[k];
+      m1[k] = (fy / zs) * r1[k] + (-fy * tc / zs) * r2[k];
+    }
+    for (int i = 0; i < 3; ++i) {
+      t0[i] = sg[3 * i] * m0[0] + sg[3 * i + 1] * m0[1] + sg[3 * i + 2] * m0[2];
+      t1[i] = sg[3 * i] * m1[0] + sg[3 * i + 1] * m1[1] + sg[3 * i + 2] * m1[2];
+    }
+    a = dot3(m0, t0) + T(kDilation);
+    bb = dot3(m0, t1);
+    c = dot3(m1, t1) + T(kDilation);
+  }
+};
+
 template <typename T>
 void columns_impl(const torch::Tensor& means, const torch::Tensor& log_scales, const torch::Tensor& quats,
                   const torch::Tensor& w2c, const torch::Tensor& cam, torch::Tensor& out) {
@@ -94,21 +136,17 @@ void columns_impl(const torch::Tensor& means, const torch::Tensor& log_scales, c
         for (int j = 0; j < 3; ++j)
           sigma[i][j] = rq[i][0] * s2[0] * rq[j][0] + rq[i][1] * s2[1] * rq[j][1] + rq[i][2] * s2[2] * rq[j][2];
       for (int64_t vi = 0; vi < v; ++vi) {
-        const T* w = w_p + 12 * (bi * v + vi);
         const T* cm = c_p + 7 * (bi * v + vi);
-        const T fx = cm[0], fy = cm[1], lim_x = cm[2], lim_y = cm[3], near_cull = cm[4];
-        const T r0[3] = {w[0], w[1], w[2]}, r1[3] = {w[4], w[5], w[6]}, r2[3] = {w[8], w[9], w[10]};
-        const T x = dot3(r0, mu) + w[3], y = dot3(r1, mu) + w[7], z = dot3(r2, mu) + w[11];
-        const bool valid = z > near_cull;
-        const T zs = valid ? z : T(1);
-        const T u = x / zs, t = y / zs;
-        const T uc = std::max(std::min(u, lim_x), -lim_x), tc = std::max(std::min(t, lim_y), -lim_y);
+        const EwaPoint<T> e(w_p + 12 * (bi * v + vi), cm, mu, &sigma[0][0]);
+        const T fx = cm[0], fy = cm[1], lim_x = cm[2], lim_y = cm[3];
+        const T* r0 = e.r0; const T* r1 = e.r1; const T* r2 = e.r2;
+        const T* m0 = e.m0; const T* m1 = e.m1; const T* t0 = e.t0; const T* t1 = e.t1;
+        const bool valid = e.valid;
+        const T zs = e.zs, u = e.u, t = e.t, uc = e.uc, tc = e.tc, a = e.a, bb = e.bb, c = e.c;
         const T free_u = (u < lim_x && u > -lim_x) ? T(1) : T(0);
         const T free_t = (t < lim_y && t > -lim_y) ? T(1) : T(0);
-        T m0[3], m1[3], e0[3], e1[3], dz[3], du[3], dt[3];
+        T e0[3], e1[3], dz[3], du[3], dt[3];
         for (int k = 0; k < 3; ++k) {
-          m0[k] = (fx / zs) * r0[k] + (-fx * uc / zs) * r2[k];
-          m1[k] = (fy / zs) * r1[k] + (-fy * tc / zs) * r2[k];
           e0[k] = r0[k] - uc * r2[k];
           e1[k] = r1[k] - tc * r2[k];
           dz[k] = (valid ? T(1) : T(0)) * r2[k];
@@ -117,12 +155,6 @@ void columns_impl(const torch::Tensor& means, const torch::Tensor& log_scales, c
           du[k] = (r0[k] - u * dz[k]) / zs;
           dt[k] = (r1[k] - t * dz[k]) / zs;
         }
-        T t0[3], t1[3];
-        for (int i = 0; i < 3; ++i) {
-          t0[i] = sigma[i][0] * m0[0] + sigma[i][1] * m0[1] + sigma[i][2] * m0[2];
-          t1[i] = sigma[i][0] * m1[0] + sigma[i][1] * m1[1] + sigma[i][2] * m1[2];
-        }
-        const T a = dot3(m0, t0) + T(kDilation), bb = dot3(m0, t1), c = dot3(m1, t1) + T(kDilation);
 
         // d(a, b, c) along the 10 geometry parameters.
         T da[kCols], db[kCols], dc[kCols];
@@ -198,26 +230,11 @@ void project_impl(const torch::Tensor& means, const torch::Tensor& covariances, 
       const int64_t bg = bi * g + gi;
       const T* mu = mu_p + 3 * bg;
       const T* sg = s_p + 9 * bg;
-      const T* w = w_p + 12 * (bi * v + vi);
       const T* cm = c_p + 7 * (bi * v + vi);
-      const T fx = cm[0], fy = cm[1], lim_x = cm[2], lim_y = cm[3], near_cull = cm[4];
-      const T r0[3] = {w[0], w[1], w[2]}, r1[3] = {w[4], w[5], w[6]}, r2[3] = {w[8], w[9], w[10]};
-      const T x = dot3(r0, mu) + w[3], y = dot3(r1, mu) + w[7], z = dot3(r2, mu) + w[11];
-      const bool valid = z > near_cull;
-      const T zs = valid ? z : T(1);
-      const T u = x / zs, t = y / zs;
-      const T uc = std::max(std::min(u, lim_x), -lim_x), tc = std::max(std::min(t, lim_y), -lim_y);
-      T m0[3], m1[3];
-      for (int k = 0; k < 3; ++k) {
-        m0[k] = (fx / zs) * r0[k] + (-fx * uc / zs) * r2[k];
-        m1[k] = (fy / zs) * r1[k] + (-fy * tc / zs) * r2[k];
-      }
-      T t0[3], t1[3];
-      for (int i = 0; i < 3; ++i) {
-        t0[i] = sg[3 * i] * m0[0] + sg[3 * i + 1] * m0[1] + sg[3 * i + 2] * m0[2];
-        t1[i] = sg[3 * i] * m1[0] + sg[3 * i + 1] * m1[1] + sg[3 * i + 2] * m1[2];
-      }
-      const T a = dot3(m0, t0) + T(kDilation), bb = dot3(m0, t1), c = dot3(m1, t1) + T(kDilation);
+      const EwaPoint<T> e(w_p + 12 * (bi * v + vi), cm, mu, sg);
+      const T fx = cm[0], fy = cm[1];
+      const T u = e.u, t = e.t, z = e.z, a = e.a, bb = e.bb, c = e.c;
+      const bool valid = e.valid;
       const T det = a * c - bb * bb;
       const bool ok = valid && det > 0;
       const T dets = ok ? det : T(1);
