@@ -288,9 +288,8 @@ class HessianOperator:
             with part("linearize"), torch.no_grad():
                 blocks = None
                 if self.precond == "block_jacobi":
-                    def blocks():
-                        return [(blk + torch.diag_embed(self._shift[:, slots]), slots)
-                                for blk, slots in self.products.blocks()]
+                    def blocks():  # the shift is added to the diagonals as they are factored
+                        return [(blk, slots, self._shift[:, slots]) for blk, slots in self.products.blocks()]
                 self._precond = build_preconditioner(self.precond, self.diagonal, blocks)
             self._precond_built = True
         return self._precond

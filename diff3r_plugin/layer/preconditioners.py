@@ -23,20 +23,25 @@ from torch import Tensor
 Preconditioner = Float[Tensor, "batch param"] | Callable[[Tensor, Tensor], Tensor] | None
 
 
-def _spd_inverse(blocks: Tensor) -> Tensor:
-    """Inverses of SPD blocks ``[..., k, k]`` through their Cholesky factors; a block that is not
-    numerically positive definite gets the inverse of its diagonal (clamped positive).
+def _spd_inverse(blocks: Tensor, shift: Tensor | None = None) -> Tensor:
+    """Inverses of SPD blocks ``[..., k, k]`` (``+ diag(shift)``, ``shift [..., k]``, when given)
+    through their Cholesky factors; a block that is not numerically positive definite gets the
+    inverse of its diagonal (clamped positive).
 
-    On the CPU a compiled kernel factors and inverts each block in one pass (LAPACK's batched
-    calls cost about 2 us per 15 x 15 block in call overhead alone); elsewhere, or without it,
-    ``torch.linalg``.
+    On the CPU a compiled kernel factors and inverts each block in one pass, the shift added to
+    the diagonal as it is read (LAPACK's batched calls cost about 2 us per 15 x 15 block in call
+    overhead alone); elsewhere, or without it, ``torch.linalg``.
     """
     from ..render import native
 
-    mod = native.usable(blocks)
+    mod = native.usable(blocks, *(() if shift is None else (shift,)))
     if mod is not None and blocks.numel() > 0:
-        inv, _ = mod.pj_spd_inverse(blocks.reshape(-1, *blocks.shape[-2:]).contiguous())
+        k = blocks.shape[-1]
+        inv, _ = mod.pj_spd_inverse(blocks.reshape(-1, k, k).contiguous(),
+                                    None if shift is None else shift.reshape(-1, k).contiguous())
         return inv.reshape(blocks.shape)
+    if shift is not None:
+        blocks = blocks + torch.diag_embed(shift)
     chol, info = torch.linalg.cholesky_ex(blocks)
     bad = info != 0
     # One host read per build (not per PCG iteration) to skip the fallback when all blocks factor.
@@ -47,14 +52,15 @@ def _spd_inverse(blocks: Tensor) -> Tensor:
     return torch.cholesky_inverse(chol)
 
 
-def block_preconditioner(parts: list[tuple[Float[Tensor, "batch gaussian _ _"], Int[Tensor, "gaussian _"]]],
+def block_preconditioner(parts: list[tuple[Tensor, ...]],
                          diag: Float[Tensor, "batch param"]) -> Callable[[Tensor, Tensor], Tensor]:
     """``M^-1`` of a block-Jacobi preconditioner as a callable ``(r, idx) -> z`` for PCG.
 
     Args:
-        parts: ``(blocks, slots)`` pairs (the block size may differ between parts):
-            per-Gaussian blocks of the system matrix (SPD) and
-            the flat indices of each block's entries; the parts' slots do not overlap.
+        parts: ``(blocks, slots)`` or ``(blocks, slots, shift)`` (the block size may differ
+            between parts): per-Gaussian blocks ``[b, G, k, k]`` of the system matrix (SPD, or
+            SPD once ``diag(shift)``, ``shift [b, G, k]``, is added), and the flat indices
+            ``[G, k]`` of each block's entries; the parts' slots do not overlap.
         diag: the system's full diagonal; entries outside every block (the pose group) use it
             as a plain Jacobi preconditioner.
 
@@ -65,10 +71,12 @@ def block_preconditioner(parts: list[tuple[Float[Tensor, "batch gaussian _ _"], 
     """
     diag = diag.detach()
     factors = []
-    for blocks, slots in parts:
+    for blocks, slots, *shift in parts:
         # The inverse blocks, formed once: applying them is a broadcast product, several times
         # cheaper on a CPU than a triangular solve per block at every PCG iteration.
-        factors.append((_spd_inverse(blocks.detach()).contiguous(), slots.long().contiguous(), slots.reshape(-1)))
+        shift = shift[0].detach() if shift else None
+        factors.append((_spd_inverse(blocks.detach(), shift).contiguous(), slots.long().contiguous(),
+                        slots.reshape(-1)))
     whole = diag.shape[0]
     from ..render import native
 

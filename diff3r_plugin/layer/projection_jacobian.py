@@ -25,9 +25,9 @@ projection; the forward quantities they need come from the projection's own
 Culled Gaussians (behind the near plane, degenerate 2D covariance) use the same constant
 stand-ins as the projection, so the columns equal its derivative everywhere.
 
-On the CPU, with values only (no autograd graph, no forward mode), the mean and conic rows come
-from one compiled pass per (view, Gaussian) (``render/csrc/projection_jacobian.cpp``, the same
-formulas); the PyTorch code below is the path of everything else and the reference the kernel is
+On the CPU, with values only (no autograd graph, no forward mode), the mean, conic and colour
+rows come from one compiled pass per (view, Gaussian) each (``render/csrc/projection_jacobian.cpp``,
+the same formulas, the SH basis gradient written out); the PyTorch code below is the path of everything else and the reference the kernel is
 tested against.
 """
 
@@ -102,7 +102,7 @@ def geometry_columns(means: Float[Tensor, "batch gaussian 3"], log_scales: Float
     if mod is not None:
         cols = _compiled_mean_conic_rows(mod, means, log_scales, quats, extrinsics, intrinsics, near,
                                          image_shape)
-        _add_color_rows(cols, means, harmonics, extrinsics, sh_basis, color)
+        _add_color_rows(cols, means, harmonics, extrinsics, sh_basis, color, mod)
         return cols.reshape(b * v * g, 9, GEOMETRY_SLOTS)
     e = ewa_terms(means, build_covariance(log_scales, quats), extrinsics, intrinsics, near, image_shape)
     dtype = means.dtype
@@ -178,13 +178,22 @@ def _compiled_mean_conic_rows(mod, means, log_scales, quats, extrinsics, intrins
 
 
 def _add_color_rows(cols: Tensor, means: Tensor, harmonics: Tensor, extrinsics: Tensor,
-                    sh_basis: SHBasis, color: Tensor) -> None:
-    """Colour along the means (view-dependent SH only), written into ``cols[..., 6:9, 0:3]``."""
+                    sh_basis: SHBasis, color: Tensor, mod=None) -> None:
+    """Colour along the means (view-dependent SH only), written into ``cols[..., 6:9, 0:3]``;
+    ``mod``: the compiled kernels (values only), whose ``pj_color_rows`` is the same formula with
+    the basis gradient written out instead of three forward-mode passes."""
     b, v, g = cols.shape[:3]
     dtype = cols.dtype
     d_sh = harmonics.shape[-1]
     degree = min(degree_from_coeffs(d_sh), MAX_RENDER_DEGREE)
-    if degree > 0:
+    if degree > 0 and mod is not None:
+        if sh_basis not in ("3dgs", "e3nn"):
+            raise ValueError(f"unknown SH basis {sh_basis!r}; expected '3dgs' or 'e3nn'")
+        campos = extrinsics[..., :3, 3].contiguous()
+        cols[..., 6:9, 0:3] = mod.pj_color_rows(means.contiguous(), harmonics.contiguous(), campos,
+                                                color.reshape(b, v, g, 3).contiguous(), degree,
+                                                sh_basis == "e3nn")
+    elif degree > 0:
         k = (degree + 1) ** 2
         dirs, dist = view_directions(means, extrinsics)  # [b, v, g, 3], [b, v, g, 1]
         grad_y = _sh_direction_gradient(dirs, degree, sh_basis)  # [b, v, g, k, 3]

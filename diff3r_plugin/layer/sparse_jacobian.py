@@ -187,18 +187,27 @@ class SparseJacobian:
     views: ContextViews
     plan: PairPlan
     slots: Tensor  # [G, n_i]
-    feat_jac: Tensor  # [N, 9, n_i], N = b * v * G
+    geo_jac: Tensor  # [N, 9, n_geo], N = b * v * G: the geometry columns of F (dense)
     pose_jac: Tensor | None  # [N, 9, 6] or None
     g_alpha: Tensor  # [P, 3] dC/dalpha per pair
     d_alpha: Tensor  # [P, 6] dalpha/d(mean2d, conic, opacity) per pair
     weight: Tensor  # [P] w_i = k_i alpha_i T_i
     sqrt_w: Tensor | None  # [num_pixels, 3] or None
     residual: Tensor  # [b, m] weighted residual at theta
-    geo_jac: Tensor | None = None  # [N, 9, n_geo]: the geometry columns of feat_jac
     appearance: Appearance | None = None  # the other columns, factored (products use these)
     _moments: Tensor | None = None  # feature_moments, once computed (chunking only bounds memory)
     _wsq: Tensor | None = None  # sqrt_w^2, contiguous, once computed (every fused product reads it)
     _app_contig: tuple[Tensor, Tensor] | None = None  # the appearance factors, contiguous, for the kernels
+    _feat_jac: Tensor | None = None  # the dense F, once asked for
+
+    @property
+    def feat_jac(self) -> Tensor:
+        """The dense ``F = [geometry | appearance]`` ``[N, 9, n_i]``, formed on first use: the
+        compiled kernels read the factored columns instead, only the PyTorch paths need it."""
+        if self._feat_jac is None:
+            self._feat_jac = (torch.cat([self.geo_jac, self.appearance.columns()], 2)
+                              if self.appearance is not None else self.geo_jac)
+        return self._feat_jac
 
     # -- construction ------------------------------------------------------------------
 
@@ -238,7 +247,6 @@ class SparseJacobian:
                                    views.intrinsics, views.near, views.image_shape, views.sh_basis,
                                    feats[:, 6:9])
         app = _appearance(params, extr, views, feats) if n_i > GEOMETRY_SLOTS else None
-        feat_jac = torch.cat([geo, app.columns()], 2) if app is not None else geo
         pose_jac = None
         p_views = layout.num_pose_views
         if p_views > 0:
@@ -262,8 +270,8 @@ class SparseJacobian:
         if sw is not None:
             res = res * sw
         residual = res.reshape(b, v, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b, -1)
-        return cls(layout, views, plan, slots, feat_jac, pose_jac, g_alpha, d_alpha, weight, sw, residual,
-                   geo.contiguous(), app)
+        return cls(layout, views, plan, slots, geo.contiguous(), pose_jac, g_alpha, d_alpha, weight, sw, residual,
+                   app)
 
     # -- products ----------------------------------------------------------------------
 
@@ -292,7 +300,7 @@ class SparseJacobian:
         g = self.layout.num_gaussians
         mod = self._compiled_f(p)
         if mod is not None:
-            q = mod.pj_tangent(self.geo_jac.contiguous(), *self._appearance_factors(), p.contiguous(),
+            q = mod.pj_tangent(self.geo_jac.contiguous(), *self._kernel_appearance(), p.contiguous(),
                                self._slots_index, v)
             return q + self._pose_tangent(p) if self.pose_jac is not None else q
         pg = p[:, self.slots]  # [b, G, n_i]
@@ -318,7 +326,7 @@ class SparseJacobian:
 
     def _compiled_f(self, x: Tensor):
         """The compiled products with ``F`` for the value ``x`` (see :func:`_compiled`)."""
-        if self.geo_jac is None or self.layout.num_gaussians == 0 or self.slots.shape[1] == 0:
+        if self.layout.num_gaussians == 0 or self.slots.shape[1] == 0:
             return None
         return _compiled(x, self.geo_jac, *self._appearance_factors())
 
@@ -329,6 +337,11 @@ class SparseJacobian:
         if self._app_contig is None:
             self._app_contig = (self.appearance.opacity.contiguous(), self.appearance.color.contiguous())
         return self._app_contig
+
+    def _kernel_appearance(self) -> tuple[Tensor | None, Tensor | None]:
+        """The kernels' two optional appearance arguments (``None`` without appearance slots)."""
+        factors = self._appearance_factors()
+        return factors if factors else (None, None)
 
     @property
     def _slots_index(self) -> Tensor:
@@ -380,7 +393,7 @@ class SparseJacobian:
         start = self.layout.slices["pose"].start
         mod = self._compiled_f(ct)
         if mod is not None:
-            out = mod.pj_cotangent(self.geo_jac.contiguous(), *self._appearance_factors(), ct.contiguous(),
+            out = mod.pj_cotangent(self.geo_jac.contiguous(), *self._kernel_appearance(), ct.contiguous(),
                                    self._slots_index, b, v, start)
             return self._with_pose_cotangent(out, ct)
         if self.appearance is None:
@@ -455,7 +468,7 @@ class SparseJacobian:
         return self._moments
 
     def _feature_moments(self, chunk: int) -> Tensor:
-        n = self.feat_jac.shape[0]
+        n = self.geo_jac.shape[0]
         extra = () if self.sqrt_w is None else (self.sqrt_w,)
         mod = _compiled(*self._pair_tensors(), *extra)
         if mod is not None:
@@ -518,15 +531,16 @@ class SparseJacobian:
         b, v = self._shape[:2]
         g = self.layout.num_gaussians
         m = self.feature_moments(chunk)
-        mod = _compiled(self.feat_jac, m)
+        mod = _compiled(self.geo_jac, m, *self._appearance_factors())
         if mod is not None:
-            # One pass per block that skips F's zeros, with no gathered copies of F and M.
-            n_i = self.feat_jac.shape[2]
+            # One pass per block that skips F's zeros, reading F in its factored form: no dense
+            # F, no gathered copies of F and M.
+            n_i = self.slots.shape[1]
             cols = torch.arange(n_i, device=m.device) if cols is None else cols
             rows = torch.arange(NUM_FEATURES, device=m.device) if rows is None else rows
             k = cols.numel()
-            return mod.pj_blocks(self.feat_jac.contiguous(), m.contiguous(), _index(cols), _index(rows),
-                                 b, v).reshape(b, g, k, k)
+            return mod.pj_blocks(self.geo_jac.contiguous(), *self._kernel_appearance(), m.contiguous(),
+                                 _index(cols), _index(rows), b, v).reshape(b, g, k, k)
         f = self.feat_jac if cols is None else self.feat_jac.index_select(2, cols)
         if rows is not None:
             f = f.index_select(1, rows)
@@ -546,7 +560,7 @@ class SparseJacobian:
         g = self.layout.num_gaussians
         n_i = self.slots.shape[1]
         if parts is not None:
-            acc = self.feat_jac.new_zeros(b * g, n_i)
+            acc = self.geo_jac.new_zeros(b * g, n_i)
             for blocks, cols in parts:
                 acc[:, cols] = torch.diagonal(blocks, dim1=-2, dim2=-1).reshape(b * g, -1)
         else:

@@ -165,6 +165,12 @@ def test_block_jacobi_preconditioner_applies_the_inverse_blocks(compiled, monkey
     bad[0, 0] = -torch.eye(k, dtype=F64)
     z_bad = block_preconditioner([(bad, slots)], diag)(r, torch.arange(b))
     assert torch.isfinite(z_bad).all()
+    # A shift given beside the blocks is their diagonal's: (blocks, slots, c) is blocks + diag(c).
+    c = torch.rand(b, g, k, generator=gen, dtype=F64) + 0.5
+    z_shift = block_preconditioner([(blocks, slots, c)], diag)(r, torch.arange(b))
+    z_sum = block_preconditioner([(blocks + torch.diag_embed(c), slots)], diag)(r, torch.arange(b))
+    assert float((z_shift - z_sum).abs().max()) <= 1e-12 * float(z_sum.abs().max())
+    assert float((z_shift - z).abs().max()) > 1e-3 * float(z.abs().max())  # the shift did act
 
 
 @needs_native
@@ -190,6 +196,14 @@ def test_compiled_block_inverses_equal_the_linalg_path(dtype, tol, monkeypatch):
     eye_inv = torch.diag_embed(1 / torch.diagonal(blocks[0, 7]).clamp_min(torch.finfo(dtype).tiny))
     assert torch.allclose(fast[0, 7], eye_inv) and torch.allclose(ref[0, 7], eye_inv)
     assert torch.allclose(fast[1, 3], ref[1, 3], rtol=tol)
+    # With a diagonal shift: the kernel adds it as it reads the diagonal, linalg adds it first.
+    shift = torch.rand(2, 300, 15, generator=gen, dtype=F64).to(dtype) + 0.5
+    monkeypatch.undo()
+    fast = _spd_inverse(blocks, shift)
+    monkeypatch.setattr(native, "usable", lambda *tensors: None)
+    ref = _spd_inverse(blocks, shift)
+    rel = (fast - ref).abs().amax((-1, -2)) / ref.abs().amax((-1, -2))
+    assert float(rel[good].max()) < tol
 
 
 def test_block_jacobi_cuts_pcg_iterations_on_a_rendering_system():
@@ -486,23 +500,31 @@ def test_compiled_products_with_f_refuse_inconsistent_factors():
         mod.pj_cotangent(geo, opacity, color, torch.zeros(n, 9), slots, b, v, g * n_i - 1)
     with pytest.raises(RuntimeError, match="batch \\* views \\* G"):
         mod.pj_cotangent(geo, opacity, color, torch.zeros(n, 9), slots, b, 4, g * n_i)
+    m = torch.zeros(n, 9, 9)
+    assert mod.pj_blocks(geo, opacity, color, m, torch.arange(n_i), torch.arange(9), b, v).shape == (g, n_i, n_i)
     with pytest.raises(RuntimeError, match="cols out of range"):
-        mod.pj_blocks(geo, torch.zeros(n, 9, 9), torch.tensor([n_geo]), torch.arange(9), b, v)
+        mod.pj_blocks(geo, None, None, m, torch.tensor([n_geo]), torch.arange(9), b, v)
+    with pytest.raises(RuntimeError, match="cols out of range"):
+        mod.pj_blocks(geo, opacity, color, m, torch.tensor([n_i]), torch.arange(9), b, v)
+    with pytest.raises(RuntimeError, match="come together"):
+        mod.pj_blocks(geo, opacity, None, m, torch.arange(n_geo), torch.arange(9), b, v)
     with pytest.raises(RuntimeError, match="moments must be"):
-        mod.pj_blocks(geo, torch.zeros(n, 9, 8), torch.arange(n_geo), torch.arange(9), b, v)
+        mod.pj_blocks(geo, None, None, torch.zeros(n, 9, 8), torch.arange(n_geo), torch.arange(9), b, v)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("sh_degree,pose_views", [(0, 0), (2, 1)])
-def test_compiled_geometry_columns_equal_the_pytorch_path(monkeypatch, dtype, sh_degree, pose_views):
+@pytest.mark.parametrize("sh_degree,pose_views,sh_basis", [(0, 0, "3dgs"), (2, 1, "3dgs"), (3, 0, "3dgs"),
+                                                            (3, 1, "e3nn"), (1, 0, "e3nn")])
+def test_compiled_geometry_columns_equal_the_pytorch_path(monkeypatch, dtype, sh_degree, pose_views, sh_basis):
     """The compiled geometry columns are the PyTorch path's numbers (within rounding), culled
-    and clamped Gaussians included; the PyTorch path is the one checked against forward mode."""
+    and clamped Gaussians included, the SH colour rows of both bases and every degree too; the
+    PyTorch path is the one checked against forward mode."""
     from diff3r_plugin.layer import projection_jacobian as pj
     from diff3r_plugin.layer.sparse_jacobian import _features
 
     obj, layout, theta = problem(gaussians=60, size=12, sh_degree=sh_degree, pose_views=pose_views,
-                                 robust="none", sh_basis="3dgs", dtype=dtype)
+                                 robust="none", sh_basis=sh_basis, dtype=dtype)
     theta = theta.clone()
     means = layout.slices["means"]
     m = theta[:, means].reshape(theta.shape[0], -1, 3)
@@ -525,6 +547,13 @@ def test_compiled_geometry_columns_equal_the_pytorch_path(monkeypatch, dtype, sh
     tol = 1e-11 if dtype == torch.float64 else 2e-5
     assert scale > 0
     assert float((got - ref).abs().max()) <= tol * scale
+    if sh_degree > 0:  # the colour rows on their own scale (they are small beside the conic's)
+        rows, ref_rows = got[:, 6:9, 0:3], ref[:, 6:9, 0:3]
+        scale = float(ref_rows.abs().max())
+        assert scale > 0
+        assert float((rows - ref_rows).abs().max()) <= tol * scale
+    else:
+        assert float(got[:, 6:9].abs().max()) == 0
 
 
 @needs_native

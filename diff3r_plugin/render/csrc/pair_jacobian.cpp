@@ -64,9 +64,11 @@ std::vector<torch::Tensor> build_impl(const torch::Tensor& feats, const torch::T
   const T* ys = py.data_ptr<T>();
   const T* bgp = bg.data_ptr<T>();  // [views, 3]
   const int64_t n = gid.numel();
-  auto g_alpha = torch::zeros({n, 3}, feats.options());
-  auto d_alpha = torch::zeros({n, 6}, feats.options());
-  auto weight = torch::zeros({n}, feats.options());
+  // Every entry is written below (the pairs behind a pixel's cut-off get zeros), so no
+  // zero-fill pass over the P x 10 factors first.
+  auto g_alpha = torch::empty({n, 3}, feats.options());
+  auto d_alpha = torch::empty({n, 6}, feats.options());
+  auto weight = torch::empty({n}, feats.options());
   auto color = torch::empty({num_pixels, 3}, feats.options());
   T* ga = g_alpha.data_ptr<T>();
   T* da = d_alpha.data_ptr<T>();
@@ -110,6 +112,11 @@ std::vector<torch::Tensor> build_impl(const torch::Tensor& feats, const torch::T
       trans.push_back(double(t));
       alphas.push_back(double(alpha));
       td *= 1.0 - double(alpha);
+    }
+    for (int64_t k = i + static_cast<int64_t>(trans.size()); k < end; ++k) {  // behind the cut-off
+      wt[k] = T(0);
+      for (int c = 0; c < 3; ++c) ga[3 * k + c] = T(0);
+      for (int c = 0; c < 6; ++c) da[6 * k + c] = T(0);
     }
     for (int c = 0; c < 3; ++c) col[3 * q + c] = T(double(b[c]) + total[c]);
     // Back to front: S_i = sum of w_j (c_j - bg) over the kept pairs behind i.
@@ -221,7 +228,10 @@ torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const to
 }
 
 // Per (view, Gaussian) moments of the pairs' factors A = diag(s) [g_alpha d_alpha^T | w I]:
-// row [|G|^2 d d^T (36) | d (w s * G)^T (18) | (w s)^2 (3)], G = s * g_alpha (s = W^1/2 or 1).
+// row [|G|^2 d d^T (upper triangle, 21) | d (w s * G)^T (18) | (w s)^2 (3)], G = s * g_alpha
+// (s = W^1/2 or 1), accumulated in this packed form and then assembled into the symmetric 9 x 9.
+constexpr int kMomentsPacked = 21 + 18 + 3;
+
 template <typename T>
 torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
                            const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
@@ -234,43 +244,51 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
   const T* wt = weight.data_ptr<T>();
   const T* sw = sqrt_w ? sqrt_w->data_ptr<T>() : nullptr;
   const int64_t n = gid.numel();
-  auto moments = torch::zeros({num_rows, 57}, g_alpha.options());
+  auto moments = torch::zeros({num_rows, kMomentsPacked}, g_alpha.options());
   T* out = moments.data_ptr<T>();
   parallel_views(n, pix, pixels_per_view, [&](int64_t lo, int64_t hi) {
   for (int64_t k = lo; k < hi; ++k) {
+    const T w = wt[k];
     T G[3], ws[3];
     for (int c = 0; c < 3; ++c) {
       const T s = sw ? sw[3 * pix[k] + c] : T(1);
       G[c] = ga[3 * k + c] * s;
-      ws[c] = wt[k] * s;
+      ws[c] = w * s;
     }
     const T norm = G[0] * G[0] + G[1] * G[1] + G[2] * G[2];
     const T* d = da + 6 * k;
-    T* o = out + 57 * g[k];
+    T* o = out + kMomentsPacked * g[k];
+    int u = 0;
     for (int a = 0; a < 6; ++a) {
       const T nd = norm * d[a];
-      for (int b = 0; b < 6; ++b) o[6 * a + b] += nd * d[b];
-      for (int c = 0; c < 3; ++c) o[36 + 3 * a + c] += d[a] * (ws[c] * G[c]);
+      for (int b = a; b < 6; ++b) o[u++] += nd * d[b];
     }
-    for (int c = 0; c < 3; ++c) o[54 + c] += ws[c] * ws[c];
+    for (int a = 0; a < 6; ++a)
+      for (int c = 0; c < 3; ++c) o[21 + 3 * a + c] += d[a] * (ws[c] * G[c]);
+    for (int c = 0; c < 3; ++c) o[39 + c] += ws[c] * ws[c];
   }
   });
-  // The 9 x 9 moments [[dd, dq], [dq^T, diag(ww)]] of each row, assembled in place of the
-  // PyTorch concatenations (rows are independent: any thread count gives the same bits).
-  auto full = torch::zeros({num_rows, 9, 9}, g_alpha.options());
+  // The 9 x 9 moments [[dd, dq], [dq^T, diag(ww)]] of each row (rows are independent: any
+  // thread count gives the same bits).
+  auto full = torch::empty({num_rows, 9, 9}, g_alpha.options());
   T* f = full.data_ptr<T>();
   at::parallel_for(0, num_rows, 4096, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* o = out + 57 * r;
+      const T* o = out + kMomentsPacked * r;
       T* m = f + 81 * r;
-      for (int a = 0; a < 6; ++a) {
-        for (int b = 0; b < 6; ++b) m[9 * a + b] = o[6 * a + b];
-        for (int c = 0; c < 3; ++c) {
-          m[9 * a + 6 + c] = o[36 + 3 * a + c];
-          m[9 * (6 + c) + a] = o[36 + 3 * a + c];
+      int u = 0;
+      for (int a = 0; a < 6; ++a)
+        for (int b = a; b < 6; ++b, ++u) {
+          m[9 * a + b] = o[u];
+          m[9 * b + a] = o[u];
         }
-      }
-      for (int c = 0; c < 3; ++c) m[9 * (6 + c) + 6 + c] = o[54 + c];
+      for (int a = 0; a < 6; ++a)
+        for (int c = 0; c < 3; ++c) {
+          m[9 * a + 6 + c] = o[21 + 3 * a + c];
+          m[9 * (6 + c) + a] = o[21 + 3 * a + c];
+        }
+      for (int c = 0; c < 3; ++c)
+        for (int e = 0; e < 3; ++e) m[9 * (6 + c) + 6 + e] = c == e ? o[39 + c] : T(0);
     }
   });
   return full;
@@ -279,17 +297,38 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
 // Per-Gaussian blocks of J^T W J over the columns `cols` of F, from the feature moments:
 // B[b, g] = sum over views v of F_s^T M_s F_s, F_s = F[(b, v, g)][rows][:, cols] (r x k) and
 // M_s = M[(b, v, g)][rows][:, rows]. One task per (b, g) block, the views summed in order, so
-// the result does not depend on the thread count. F is mostly zeros (a feature moves with
-// few slots: the geometry moves mean and conic, the opacity logit only the opacity, the DC
-// only its colour channel), so zero entries of F are skipped in both products.
+// the result does not depend on the thread count. F is read in its factored form (geo [N, 9,
+// n_geo] and, with the appearance, opacity [N] and color [N, 3, d_sh]: see f_entry), never as a
+// dense [N, 9, n_i] copy. F is mostly zeros (a feature moves with few slots: the geometry moves
+// mean and conic, the opacity logit only the opacity, the DC only its colour channel), so zero
+// entries of F are skipped in both products.
 template <typename T>
-torch::Tensor blocks_impl(const torch::Tensor& feat_jac, const torch::Tensor& moments, const torch::Tensor& cols,
-                          const torch::Tensor& rows, int64_t batch, int64_t views) {
-  const int64_t n = feat_jac.size(0), ns = feat_jac.size(2);
+inline T f_entry(const T* G, const T* O, const T* C, int64_t row, int64_t n_geo, int64_t d_sh, int64_t f,
+                 int64_t s) {
+  if (s < n_geo) return G[(row * kF + f) * n_geo + s];
+  const int64_t a = s - n_geo;  // appearance slot: opacity logit, DC x 3, then each channel's rest
+  if (a == 0) return f == 5 ? O[row] : T(0);
+  int64_t c, j;
+  if (a <= 3) {
+    c = a - 1; j = 0;
+  } else {
+    c = (a - 4) / (d_sh - 1); j = 1 + (a - 4) % (d_sh - 1);
+  }
+  return f == 6 + c ? C[(row * 3 + c) * d_sh + j] : T(0);
+}
+
+template <typename T>
+torch::Tensor blocks_impl(const torch::Tensor& geo, const torch::Tensor* opacity, const torch::Tensor* color,
+                          const torch::Tensor& moments, const torch::Tensor& cols, const torch::Tensor& rows,
+                          int64_t batch, int64_t views) {
+  const int64_t n = geo.size(0), n_geo = geo.size(2);
+  const int64_t d_sh = color ? color->size(2) : 0;
   const int64_t k = cols.numel(), r = rows.numel();
   const int64_t g = n / (batch * views);
-  auto out = torch::zeros({batch * g, k, k}, feat_jac.options());
-  const T* F = feat_jac.data_ptr<T>();
+  auto out = torch::empty({batch * g, k, k}, geo.options());
+  const T* G = geo.data_ptr<T>();
+  const T* Op = opacity ? opacity->data_ptr<T>() : nullptr;
+  const T* Cp = color ? color->data_ptr<T>() : nullptr;
   const T* M = moments.data_ptr<T>();
   const int64_t* cs = cols.data_ptr<int64_t>();
   const int64_t* rs = rows.data_ptr<int64_t>();
@@ -301,10 +340,9 @@ torch::Tensor blocks_impl(const torch::Tensor& feat_jac, const torch::Tensor& mo
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t vi = 0; vi < views; ++vi) {
         const int64_t row = (bi * views + vi) * g + gi;
-        const T* Fr = F + row * kF * ns;
         const T* Mr = M + row * kF * kF;
         for (int64_t a = 0; a < r; ++a)
-          for (int64_t s = 0; s < k; ++s) f[a * k + s] = double(Fr[rs[a] * ns + cs[s]]);
+          for (int64_t s = 0; s < k; ++s) f[a * k + s] = double(f_entry(G, Op, Cp, row, n_geo, d_sh, rs[a], cs[s]));
         // mf = M_s F_s
         std::fill(mf.begin(), mf.end(), 0.0);
         for (int64_t c = 0; c < r; ++c) {
@@ -458,26 +496,31 @@ void block_apply_impl(const torch::Tensor& inv, const torch::Tensor& r, const to
   });
 }
 
-// Inverses of small SPD blocks [M, k, k] by Cholesky (in double), one block per task; a block
-// whose factorization meets a non-positive pivot gets the inverse of its diagonal instead
-// (flagged in ok = 0), as the PyTorch path of the block preconditioner does.
+// Inverses of small SPD blocks [M, k, k] (plus the diagonal shift [M, k] when given: the
+// system's Lambda + mu D, added here instead of in a [M, k, k] copy) by Cholesky (in double), one
+// block per task; a block whose factorization meets a non-positive pivot gets the inverse of its
+// diagonal instead (flagged in ok = 0), as the PyTorch path of the block preconditioner does.
 template <typename T>
-std::vector<torch::Tensor> spd_inverse_impl(const torch::Tensor& blocks) {
+std::vector<torch::Tensor> spd_inverse_impl(const torch::Tensor& blocks, const torch::Tensor* shift) {
   const int64_t m = blocks.size(0), k = blocks.size(1);
   auto inv = torch::empty_like(blocks);
   auto ok = torch::ones({m}, blocks.options().dtype(torch::kBool));
   const T* a = blocks.data_ptr<T>();
+  const T* sh = shift ? shift->data_ptr<T>() : nullptr;
   T* out = inv.data_ptr<T>();
   bool* good = ok.data_ptr<bool>();
   at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
     std::vector<double> l(k * k), li(k * k);
     for (int64_t b = lo; b < hi; ++b) {
       const T* A = a + b * k * k;
+      const T* Sb = sh ? sh + b * k : nullptr;
+      // The shifted diagonal, rounded to T as blocks + diag_embed(shift) would be.
+      auto diag = [&](int64_t j) { return double(Sb ? T(A[j * k + j] + Sb[j]) : A[j * k + j]); };
       T* X = out + b * k * k;
       bool pd = true;
       std::fill(l.begin(), l.end(), 0.0);
       for (int64_t j = 0; j < k && pd; ++j) {
-        double d = double(A[j * k + j]);
+        double d = diag(j);
         for (int64_t p = 0; p < j; ++p) d -= l[j * k + p] * l[j * k + p];
         if (!(d > 0.0) || !std::isfinite(d)) { pd = false; break; }
         const double ljj = std::sqrt(d);
@@ -492,7 +535,7 @@ std::vector<torch::Tensor> spd_inverse_impl(const torch::Tensor& blocks) {
         good[b] = false;
         for (int64_t i = 0; i < k * k; ++i) X[i] = T(0);
         for (int64_t i = 0; i < k; ++i) {
-          const double d = double(A[i * k + i]);
+          const double d = diag(i);
           X[i * k + i] = T(1.0 / std::max(d, double(std::numeric_limits<T>::min())));
         }
         continue;
@@ -520,12 +563,17 @@ std::vector<torch::Tensor> spd_inverse_impl(const torch::Tensor& blocks) {
   return {inv, ok};
 }
 
-std::vector<torch::Tensor> pj_spd_inverse(torch::Tensor blocks) {
+std::vector<torch::Tensor> pj_spd_inverse(torch::Tensor blocks, c10::optional<torch::Tensor> shift) {
   check(blocks, "blocks");
   TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == blocks.size(2), "blocks must be [M, k, k]");
+  if (shift) {
+    check(*shift, "shift");
+    TORCH_CHECK(shift->dim() == 2 && shift->size(0) == blocks.size(0) && shift->size(1) == blocks.size(1) &&
+                shift->scalar_type() == blocks.scalar_type(), "shift must be [M, k] of the blocks' dtype");
+  }
   std::vector<torch::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(blocks.scalar_type(), "diff3r_pj_spd_inverse", [&] {
-    out = spd_inverse_impl<scalar_t>(blocks);
+    out = spd_inverse_impl<scalar_t>(blocks, shift ? &(*shift) : nullptr);
   });
   return out;
 }
@@ -579,23 +627,33 @@ torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor 
   return out;
 }
 
-torch::Tensor pj_blocks(torch::Tensor feat_jac, torch::Tensor moments, torch::Tensor cols, torch::Tensor rows,
-                        int64_t batch, int64_t views) {
-  check(feat_jac, "feat_jac"); check(moments, "moments"); check(cols, "cols"); check(rows, "rows");
-  TORCH_CHECK(feat_jac.dim() == 3 && feat_jac.size(1) == kF, "feat_jac must be [N, 9, n_i]");
-  TORCH_CHECK(moments.dim() == 3 && moments.size(0) == feat_jac.size(0) && moments.size(1) == kF &&
-              moments.size(2) == kF && moments.scalar_type() == feat_jac.scalar_type(),
-              "moments must be [N, 9, 9] of feat_jac's dtype");
+torch::Tensor pj_blocks(torch::Tensor geo, c10::optional<torch::Tensor> opacity, c10::optional<torch::Tensor> color,
+                        torch::Tensor moments, torch::Tensor cols, torch::Tensor rows, int64_t batch, int64_t views) {
+  check(geo, "geo"); check(moments, "moments"); check(cols, "cols"); check(rows, "rows");
+  TORCH_CHECK(geo.dim() == 3 && geo.size(1) == kF, "geo must be [N, 9, n_geo]");
+  TORCH_CHECK(moments.dim() == 3 && moments.size(0) == geo.size(0) && moments.size(1) == kF &&
+              moments.size(2) == kF && moments.scalar_type() == geo.scalar_type(),
+              "moments must be [N, 9, 9] of geo's dtype");
   TORCH_CHECK(cols.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64, "cols and rows must be int64");
-  TORCH_CHECK(batch > 0 && views > 0 && feat_jac.size(0) % (batch * views) == 0, "N must be batch * views * G");
-  const int64_t ns = feat_jac.size(2);
+  TORCH_CHECK(batch > 0 && views > 0 && geo.size(0) % (batch * views) == 0, "N must be batch * views * G");
+  TORCH_CHECK(opacity.has_value() == color.has_value(), "opacity and color come together");
+  int64_t ns = geo.size(2);
+  if (opacity) {
+    check(*opacity, "opacity"); check(*color, "color");
+    TORCH_CHECK(opacity->numel() == geo.size(0) && color->dim() == 3 && color->size(0) == geo.size(0) &&
+                color->size(1) == 3 && color->size(2) >= 1, "opacity must be [N] and color [N, 3, d_sh]");
+    TORCH_CHECK(opacity->scalar_type() == geo.scalar_type() && color->scalar_type() == geo.scalar_type(),
+                "F's factors must share one dtype");
+    ns += 1 + 3 * color->size(2);
+  }
   auto c = cols.accessor<int64_t, 1>();
   for (int64_t i = 0; i < cols.numel(); ++i) TORCH_CHECK(c[i] >= 0 && c[i] < ns, "cols out of range");
   auto rr = rows.accessor<int64_t, 1>();
   for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rr[i] >= 0 && rr[i] < kF, "rows out of range");
   torch::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(feat_jac.scalar_type(), "diff3r_pj_blocks", [&] {
-    out = blocks_impl<scalar_t>(feat_jac, moments, cols, rows, batch, views);
+  AT_DISPATCH_FLOATING_TYPES(geo.scalar_type(), "diff3r_pj_blocks", [&] {
+    out = blocks_impl<scalar_t>(geo, opacity ? &(*opacity) : nullptr, color ? &(*color) : nullptr, moments, cols,
+                                rows, batch, views);
   });
   return out;
 }
@@ -688,7 +746,8 @@ void register_pair_jacobian(pybind11::module& m) {
   m.def("pj_jvp", &pj_jvp, "J p over the pairs, from the feature tangents");
   m.def("pj_vjp", &pj_vjp, "J^T u over the pairs, to the feature cotangents");
   m.def("pj_gauss_newton", &pj_gauss_newton, "J^T W J p over the pairs, feature tangents to cotangents");
-  m.def("pj_spd_inverse", &pj_spd_inverse, "inverses of small SPD blocks by Cholesky (diagonal fallback)");
+  m.def("pj_spd_inverse", &pj_spd_inverse, "inverses of small SPD blocks (plus a diagonal shift) by Cholesky "
+        "(diagonal fallback)", pybind11::arg("blocks"), pybind11::arg("shift") = pybind11::none());
   m.def("pj_moments", &pj_moments, "per-(view, Gaussian) moments of the pair factors");
   m.def("pj_tangent", &pj_tangent, "F p: feature tangents from parameter tangents");
   m.def("pj_cotangent", &pj_cotangent, "F^T ct summed over views: parameter cotangents");

@@ -9,8 +9,8 @@
 //   m_0 = f_x (R_0 - u_c R_2) / z_s,  m_1 = f_y (R_1 - v_c R_2) / z_s,
 //   (a, b, c) = (m_0 S m_0, m_0 S m_1, m_1 S m_1) + 0.3 (a, c),  S = R_q diag(s^2) R_q^T,
 //   conic = (c, -b, a) / det,  det = a c - b^2,  d(x / det) = (dx det - x ddet) / det^2.
-// The colour rows (view-dependent SH) and the opacity row are left zero: the caller adds the
-// SH part in PyTorch. Rows are independent, so the result does not depend on the thread count.
+// The colour rows (view-dependent SH) and the opacity row are left zero here: pj_color_rows
+// gives the SH part. Rows are independent, so the result does not depend on the thread count.
 
 #include <torch/extension.h>
 
@@ -307,7 +307,130 @@ torch::Tensor pj_project(torch::Tensor means, torch::Tensor covariances, torch::
   return out;
 }
 
+namespace {
+
+// The SH constants of diff3r_plugin/geometry/sh.py (the rasterizers' real SH basis).
+constexpr double kC1 = 0.4886025119029199;
+constexpr double kC2[5] = {1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792,
+                           0.5462742152960396};
+constexpr double kC3[7] = {-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
+                           -0.4570457994644658, 1.445305721320277, -0.5900435899266435};
+
+// dY_j / d(x, y, z) of the basis polynomials of sh_basis_values up to degree 3, [16][3].
+template <typename T>
+inline void sh_basis_gradient(T x, T y, T z, int degree, T out[16][3]) {
+  const T c1 = T(kC1);
+  T* o = &out[0][0];
+  for (int i = 0; i < 48; ++i) o[i] = T(0);
+  if (degree > 0) {
+    out[1][1] = -c1; out[2][2] = c1; out[3][0] = -c1;
+  }
+  if (degree > 1) {
+    const T c0 = T(kC2[0]), c1b = T(kC2[1]), c2 = T(kC2[2]), c3 = T(kC2[3]), c4 = T(kC2[4]);
+    out[4][0] = c0 * y; out[4][1] = c0 * x;
+    out[5][1] = c1b * z; out[5][2] = c1b * y;
+    out[6][0] = c2 * (-2 * x); out[6][1] = c2 * (-2 * y); out[6][2] = c2 * (4 * z);
+    out[7][0] = c3 * z; out[7][2] = c3 * x;
+    out[8][0] = c4 * (2 * x); out[8][1] = c4 * (-2 * y);
+  }
+  if (degree > 2) {
+    const T xx = x * x, yy = y * y, zz = z * z;
+    const T a0 = T(kC3[0]), a1 = T(kC3[1]), a2 = T(kC3[2]), a3 = T(kC3[3]), a4 = T(kC3[4]), a5 = T(kC3[5]),
+            a6 = T(kC3[6]);
+    // y (3xx - yy)
+    out[9][0] = a0 * (6 * x * y); out[9][1] = a0 * (3 * xx - 3 * yy);
+    // x y z
+    out[10][0] = a1 * (y * z); out[10][1] = a1 * (x * z); out[10][2] = a1 * (x * y);
+    // y (4zz - xx - yy)
+    out[11][0] = a2 * (-2 * x * y); out[11][1] = a2 * (4 * zz - xx - 3 * yy); out[11][2] = a2 * (8 * y * z);
+    // z (2zz - 3xx - 3yy)
+    out[12][0] = a3 * (-6 * x * z); out[12][1] = a3 * (-6 * y * z); out[12][2] = a3 * (6 * zz - 3 * xx - 3 * yy);
+    // x (4zz - xx - yy)
+    out[13][0] = a4 * (4 * zz - 3 * xx - yy); out[13][1] = a4 * (-2 * x * y); out[13][2] = a4 * (8 * x * z);
+    // z (xx - yy)
+    out[14][0] = a5 * (2 * x * z); out[14][1] = a5 * (-2 * y * z); out[14][2] = a5 * (xx - yy);
+    // x (xx - 3yy)
+    out[15][0] = a6 * (3 * xx - 3 * yy); out[15][1] = a6 * (-6 * x * y);
+  }
+}
+
+// The colour rows d colour / d mu [b, v, g, 3, 3] of a view-dependent SH colour
+// c_k = max(0, sum_j h_kj Y_j(d) + 0.5), d = (mu - o) / |mu - o|:
+//   dc_k / dmu = [c_k > 0] (I - d d^T) (sum_j h_kj dY_j / dd) / |mu - o|,
+// with the basis's axes (x, y, z) = (d_0, d_1, d_2) for "3dgs" and (d_2, d_0, d_1) for "e3nn".
+template <typename T>
+void color_rows_impl(const torch::Tensor& means, const torch::Tensor& harmonics, const torch::Tensor& campos,
+                     const torch::Tensor& color, int degree, bool e3nn, torch::Tensor& out) {
+  const int64_t b = means.size(0), g = means.size(1), v = campos.size(1), d_sh = harmonics.size(3);
+  const int64_t k = (degree + 1) * (degree + 1);
+  const T* M = means.data_ptr<T>();
+  const T* H = harmonics.data_ptr<T>();
+  const T* O = campos.data_ptr<T>();
+  const T* C = color.data_ptr<T>();
+  T* R = out.data_ptr<T>();
+  at::parallel_for(0, b * v * g, 1024, [&](int64_t lo, int64_t hi) {
+    T grad[16][3];
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t gi = row % g, vi = (row / g) % v, bi = row / (g * v);
+      const T* mu = M + (bi * g + gi) * 3;
+      const T* o = O + (bi * v + vi) * 3;
+      const T rel[3] = {mu[0] - o[0], mu[1] - o[1], mu[2] - o[2]};
+      const T dist = std::max(std::sqrt(rel[0] * rel[0] + rel[1] * rel[1] + rel[2] * rel[2]), T(1e-12));
+      const T d[3] = {rel[0] / dist, rel[1] / dist, rel[2] / dist};
+      // Basis axes from the direction, and back (perm[e] = basis axis of direction component e).
+      const int perm[3] = {e3nn ? 1 : 0, e3nn ? 2 : 1, e3nn ? 0 : 2};
+      T axes[3];
+      for (int e = 0; e < 3; ++e) axes[perm[e]] = d[e];
+      sh_basis_gradient(axes[0], axes[1], axes[2], degree, grad);
+      const T* h = H + (bi * g + gi) * 3 * d_sh;
+      const T* col = C + row * 3;
+      T* r = R + row * 9;
+      for (int c = 0; c < 3; ++c) {
+        T gd[3] = {0, 0, 0};
+        for (int64_t j = 1; j < k; ++j) {
+          const T hj = h[c * d_sh + j];
+          for (int e = 0; e < 3; ++e) gd[e] += hj * grad[j][perm[e]];
+        }
+        const T dot = gd[0] * d[0] + gd[1] * d[1] + gd[2] * d[2];
+        const T lit = col[c] > T(0) ? T(1) : T(0);
+        for (int e = 0; e < 3; ++e) r[3 * c + e] = lit * (gd[e] - dot * d[e]) / dist;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// means [b, g, 3], harmonics [b, g, 3, d_sh], campos [b, v, 3] (camera centres), color [b, v, g, 3]
+// (the projected colours: their zeros are where the clamp cuts the derivative), degree in 1..3
+// -> the colour rows d colour / d means [b, v, g, 3, 3].
+torch::Tensor pj_color_rows(torch::Tensor means, torch::Tensor harmonics, torch::Tensor campos, torch::Tensor color,
+                            int64_t degree, bool e3nn) {
+  check(means, "means", 3, 3); check(campos, "campos", 3, 3); check(color, "color", 4, 3);
+  TORCH_CHECK(harmonics.device().is_cpu() && harmonics.is_contiguous() && harmonics.dim() == 4 &&
+              harmonics.size(2) == 3, "harmonics must be a contiguous CPU tensor [b, g, 3, d_sh]");
+  const int64_t b = means.size(0), g = means.size(1), v = campos.size(1);
+  TORCH_CHECK(harmonics.size(0) == b && harmonics.size(1) == g, "means and harmonics must share [b, g]");
+  TORCH_CHECK(campos.size(0) == b && color.size(0) == b && color.size(1) == v && color.size(2) == g,
+              "campos must be [b, v, 3] and color [b, v, g, 3]");
+  TORCH_CHECK(degree >= 1 && degree <= 3 && harmonics.size(3) >= (degree + 1) * (degree + 1),
+              "degree must be in 1..3 and harmonics must hold its coefficients");
+  const auto dtype = means.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64, "float32 or float64 expected");
+  TORCH_CHECK(harmonics.scalar_type() == dtype && campos.scalar_type() == dtype && color.scalar_type() == dtype,
+              "the inputs must share one dtype");
+  auto out = torch::empty({b, v, g, 3, 3}, means.options());
+  if (dtype == torch::kFloat64) {
+    color_rows_impl<double>(means, harmonics, campos, color, int(degree), e3nn, out);
+  } else {
+    color_rows_impl<float>(means, harmonics, campos, color, int(degree), e3nn, out);
+  }
+  return out;
+}
+
 void register_projection_jacobian(pybind11::module& m) {
+  m.def("pj_color_rows", &pj_color_rows,
+        "d colour / d means of a view-dependent SH colour per (batch, view, Gaussian)");
   m.def("pj_project", &pj_project, "values of the EWA projection per (batch, view, Gaussian)");
   m.def("pj_geometry_columns", &pj_geometry_columns,
         "d(mean2d, conic) / d(means, log-scales, quaternion) per (batch, view, Gaussian)");
