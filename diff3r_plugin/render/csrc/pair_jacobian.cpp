@@ -228,10 +228,7 @@ torch::Tensor gn_impl(const torch::Tensor& q, const torch::Tensor& gid, const to
 }
 
 // Per (view, Gaussian) moments of the pairs' factors A = diag(s) [g_alpha d_alpha^T | w I]:
-// row [|G|^2 d d^T (upper triangle, 21) | d (w s * G)^T (18) | (w s)^2 (3)], G = s * g_alpha
-// (s = W^1/2 or 1), accumulated in this packed form and then assembled into the symmetric 9 x 9.
-constexpr int kMomentsPacked = 21 + 18 + 3;
-
+// row [|G|^2 d d^T (36) | d (w s * G)^T (18) | (w s)^2 (3)], G = s * g_alpha (s = W^1/2 or 1).
 template <typename T>
 torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
                            const torch::Tensor& g_alpha, const torch::Tensor& d_alpha,
@@ -244,51 +241,43 @@ torch::Tensor moments_impl(const torch::Tensor& gid, const torch::Tensor& pixel,
   const T* wt = weight.data_ptr<T>();
   const T* sw = sqrt_w ? sqrt_w->data_ptr<T>() : nullptr;
   const int64_t n = gid.numel();
-  auto moments = torch::zeros({num_rows, kMomentsPacked}, g_alpha.options());
+  auto moments = torch::zeros({num_rows, 57}, g_alpha.options());
   T* out = moments.data_ptr<T>();
   parallel_views(n, pix, pixels_per_view, [&](int64_t lo, int64_t hi) {
   for (int64_t k = lo; k < hi; ++k) {
-    const T w = wt[k];
     T G[3], ws[3];
     for (int c = 0; c < 3; ++c) {
       const T s = sw ? sw[3 * pix[k] + c] : T(1);
       G[c] = ga[3 * k + c] * s;
-      ws[c] = w * s;
+      ws[c] = wt[k] * s;
     }
     const T norm = G[0] * G[0] + G[1] * G[1] + G[2] * G[2];
     const T* d = da + 6 * k;
-    T* o = out + kMomentsPacked * g[k];
-    int u = 0;
+    T* o = out + 57 * g[k];
     for (int a = 0; a < 6; ++a) {
       const T nd = norm * d[a];
-      for (int b = a; b < 6; ++b) o[u++] += nd * d[b];
+      for (int b = 0; b < 6; ++b) o[6 * a + b] += nd * d[b];
+      for (int c = 0; c < 3; ++c) o[36 + 3 * a + c] += d[a] * (ws[c] * G[c]);
     }
-    for (int a = 0; a < 6; ++a)
-      for (int c = 0; c < 3; ++c) o[21 + 3 * a + c] += d[a] * (ws[c] * G[c]);
-    for (int c = 0; c < 3; ++c) o[39 + c] += ws[c] * ws[c];
+    for (int c = 0; c < 3; ++c) o[54 + c] += ws[c] * ws[c];
   }
   });
-  // The 9 x 9 moments [[dd, dq], [dq^T, diag(ww)]] of each row (rows are independent: any
-  // thread count gives the same bits).
-  auto full = torch::empty({num_rows, 9, 9}, g_alpha.options());
+  // The 9 x 9 moments [[dd, dq], [dq^T, diag(ww)]] of each row, assembled in place of the
+  // PyTorch concatenations (rows are independent: any thread count gives the same bits).
+  auto full = torch::zeros({num_rows, 9, 9}, g_alpha.options());
   T* f = full.data_ptr<T>();
   at::parallel_for(0, num_rows, 4096, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* o = out + kMomentsPacked * r;
+      const T* o = out + 57 * r;
       T* m = f + 81 * r;
-      int u = 0;
-      for (int a = 0; a < 6; ++a)
-        for (int b = a; b < 6; ++b, ++u) {
-          m[9 * a + b] = o[u];
-          m[9 * b + a] = o[u];
-        }
-      for (int a = 0; a < 6; ++a)
+      for (int a = 0; a < 6; ++a) {
+        for (int b = 0; b < 6; ++b) m[9 * a + b] = o[6 * a + b];
         for (int c = 0; c < 3; ++c) {
-          m[9 * a + 6 + c] = o[21 + 3 * a + c];
-          m[9 * (6 + c) + a] = o[21 + 3 * a + c];
+          m[9 * a + 6 + c] = o[36 + 3 * a + c];
+          m[9 * (6 + c) + a] = o[36 + 3 * a + c];
         }
-      for (int c = 0; c < 3; ++c)
-        for (int e = 0; e < 3; ++e) m[9 * (6 + c) + 6 + e] = c == e ? o[39 + c] : T(0);
+      }
+      for (int c = 0; c < 3; ++c) m[9 * (6 + c) + 6 + c] = o[54 + c];
     }
   });
   return full;
