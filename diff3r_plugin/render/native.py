@@ -15,8 +15,8 @@ passes, gathers and scatters over the (pixel, Gaussian) pairs, plus the sort of 
 (:mod:`diff3r_plugin.layer.sparse_jacobian`): the per-pair factors at a linearization point, the
 products ``J p``, ``J^T u`` and ``J^T W J p`` (one fused pass) and the per-Gaussian moments of the
 block preconditioner; ``csrc/projection_jacobian.cpp`` the closed-form geometry columns of the
-projection's Jacobian (:mod:`diff3r_plugin.layer.projection_jacobian`), one pass per
-(view, Gaussian) instead of about two hundred elementwise PyTorch passes.
+projection's Jacobian (:mod:`diff3r_plugin.layer.projection_jacobian`) and its SH colour rows, one
+pass per (view, Gaussian) instead of about two hundred elementwise PyTorch passes.
 
 The compiled derivative is first order. Everything else falls back to the pure-PyTorch
 composite, which supports any order and forward mode: a backward that builds a graph
