@@ -26,9 +26,9 @@ Culled Gaussians (behind the near plane, degenerate 2D covariance) use the same 
 stand-ins as the projection, so the columns equal its derivative everywhere.
 
 On the CPU, with values only (no autograd graph, no forward mode), the mean, conic and colour
-rows come from one compiled pass per (view, Gaussian) each (``render/csrc/projection_jacobian.cpp``,
-the same formulas, the SH basis gradient written out); the PyTorch code below is the path of everything else and the reference the kernel is
-tested against.
+rows come from compiled passes per (view, Gaussian) (``render/csrc/projection_jacobian.cpp``: the
+same formulas, the SH basis gradient written out); the PyTorch code below is the path of
+everything else and the reference the kernels are tested against.
 """
 
 import torch

@@ -616,6 +616,23 @@ torch::Tensor pj_gauss_newton(torch::Tensor q, torch::Tensor gid, torch::Tensor 
   return out;
 }
 
+// F's factors against each other: geo [N, 9, n_geo], opacity [N] and color [N, 3, d_sh] (both or
+// neither), one dtype. Returns F's column count n_i = n_geo (+ 1 + 3 d_sh with the appearance).
+int64_t f_columns(const torch::Tensor& geo, const c10::optional<torch::Tensor>& opacity,
+                  const c10::optional<torch::Tensor>& color) {
+  TORCH_CHECK(opacity.has_value() == color.has_value(), "opacity and color come together");
+  int64_t n_i = geo.size(2);
+  if (opacity) {
+    check(*opacity, "opacity"); check(*color, "color");
+    TORCH_CHECK(opacity->numel() == geo.size(0) && color->dim() == 3 && color->size(0) == geo.size(0) &&
+                color->size(1) == 3 && color->size(2) >= 1, "opacity must be [N] and color [N, 3, d_sh]");
+    TORCH_CHECK(opacity->scalar_type() == geo.scalar_type() && color->scalar_type() == geo.scalar_type(),
+                "F's factors must share one dtype");
+    n_i += 1 + 3 * color->size(2);
+  }
+  return n_i;
+}
+
 torch::Tensor pj_blocks(torch::Tensor geo, c10::optional<torch::Tensor> opacity, c10::optional<torch::Tensor> color,
                         torch::Tensor moments, torch::Tensor cols, torch::Tensor rows, int64_t batch, int64_t views) {
   check(geo, "geo"); check(moments, "moments"); check(cols, "cols"); check(rows, "rows");
@@ -625,16 +642,7 @@ torch::Tensor pj_blocks(torch::Tensor geo, c10::optional<torch::Tensor> opacity,
               "moments must be [N, 9, 9] of geo's dtype");
   TORCH_CHECK(cols.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64, "cols and rows must be int64");
   TORCH_CHECK(batch > 0 && views > 0 && geo.size(0) % (batch * views) == 0, "N must be batch * views * G");
-  TORCH_CHECK(opacity.has_value() == color.has_value(), "opacity and color come together");
-  int64_t ns = geo.size(2);
-  if (opacity) {
-    check(*opacity, "opacity"); check(*color, "color");
-    TORCH_CHECK(opacity->numel() == geo.size(0) && color->dim() == 3 && color->size(0) == geo.size(0) &&
-                color->size(1) == 3 && color->size(2) >= 1, "opacity must be [N] and color [N, 3, d_sh]");
-    TORCH_CHECK(opacity->scalar_type() == geo.scalar_type() && color->scalar_type() == geo.scalar_type(),
-                "F's factors must share one dtype");
-    ns += 1 + 3 * color->size(2);
-  }
+  const int64_t ns = f_columns(geo, opacity, color);
   auto c = cols.accessor<int64_t, 1>();
   for (int64_t i = 0; i < cols.numel(); ++i) TORCH_CHECK(c[i] >= 0 && c[i] < ns, "cols out of range");
   auto rr = rows.accessor<int64_t, 1>();
@@ -656,17 +664,7 @@ void check_f(const torch::Tensor& geo, const c10::optional<torch::Tensor>& opaci
   TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kInt64, "slots must be int64 [G, n_i]");
   TORCH_CHECK(views > 0 && slots.size(0) > 0 && geo.size(0) % (views * slots.size(0)) == 0,
               "N must be batch * views * G");
-  TORCH_CHECK(opacity.has_value() == color.has_value(), "opacity and color come together");
-  int64_t n_i = geo.size(2);
-  if (opacity) {
-    check(*opacity, "opacity"); check(*color, "color");
-    TORCH_CHECK(opacity->numel() == geo.size(0) && color->dim() == 3 && color->size(0) == geo.size(0) &&
-                color->size(1) == 3 && color->size(2) >= 1, "opacity must be [N] and color [N, 3, d_sh]");
-    TORCH_CHECK(opacity->scalar_type() == geo.scalar_type() && color->scalar_type() == geo.scalar_type(),
-                "F's factors must share one dtype");
-    n_i += 1 + 3 * color->size(2);
-  }
-  TORCH_CHECK(slots.size(1) == n_i, "slots must have one column per column of F");
+  TORCH_CHECK(slots.size(1) == f_columns(geo, opacity, color), "slots must have one column per column of F");
 }
 
 torch::Tensor pj_tangent(torch::Tensor geo, c10::optional<torch::Tensor> opacity, c10::optional<torch::Tensor> color,
